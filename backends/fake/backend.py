@@ -1,0 +1,79 @@
+"""The fake backend: the real trainer and sampler server apps, in-process, around the numpy engine.
+
+Nothing listens on a socket: clients reach the apps through httpx's ASGI transport, so the fake
+exercises the same protocol code (queues, idempotency, long-polls, version pinning) as every other
+backend, in milliseconds. ``loops serve --engine fake`` runs the same apps on loopback.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+
+from loops_core.backend import Backend, LocalCheckpoints, SamplerHandle, TrainerHandle
+from loops_core.checkpoints import CheckpointStore, read_meta
+from loops_core.server.sampler import SamplerServer
+from loops_core.server.trainer import SamplerLink, TrainerServer
+from loops_core.types import ServerCapabilities, SupportedModel
+from loops_core.wire import Endpoint
+
+from .engine import FakeSamplerEngine, FakeTrainerEngine
+
+
+def fake_pair(base_model: str, *, rank: int = 32, seed: int | None = None, run_id: str | None = None,
+              store: CheckpointStore | None = None, poll_hold: float = 30.0) -> tuple[TrainerServer, SamplerServer]:
+    """A paired trainer and sampler server around fresh fake engines."""
+    store = store or CheckpointStore()
+    sampler = SamplerServer(FakeSamplerEngine(base_model), store=store)
+    link = SamplerLink(url="http://fake-sampler", transport=httpx.ASGITransport(app=sampler.app))
+    trainer = TrainerServer(FakeTrainerEngine(base_model, lora_rank=rank, seed=seed),
+                            run_id=run_id or f"fake-{uuid.uuid4().hex[:12]}", store=store, sampler=link,
+                            seed=seed, poll_hold=poll_hold)
+    return trainer, sampler
+
+
+def asgi_endpoint(app, name: str) -> Endpoint:  # noqa: ANN001
+    return Endpoint(url=f"http://{name}", transport=httpx.ASGITransport(app=app))
+
+
+class FakeBackend(LocalCheckpoints, Backend):
+    name = "fake"
+    capabilities = frozenset({"checkpoints", "sampler_pinning", "standalone_sampler", "deterministic", "tokenizer"})
+
+    def __init__(self, config):  # noqa: ANN001
+        super().__init__(config)
+        self.servers: list[TrainerServer | SamplerServer] = []
+
+    async def start_session(self) -> str:
+        return f"fake-session-{uuid.uuid4().hex[:12]}"
+
+    async def create_trainer(self, base_model: str, *, rank: int, seed: int | None, ready_timeout: float,
+                             max_seq_len: int | None = None) -> TrainerHandle:
+        trainer, sampler = fake_pair(base_model, rank=rank, seed=seed)
+        self.servers += [trainer, sampler]
+        return TrainerHandle(trainer=asgi_endpoint(trainer.app, "fake-trainer"),
+                             sampler=asgi_endpoint(sampler.app, "fake-sampler"),
+                             run_id=trainer.run_id, base_model=base_model, max_seq_len=trainer.engine.max_seq_len)
+
+    async def create_sampler(self, base_model: str | None, *, ready_timeout: float,
+                             model_path: str | None = None) -> SamplerHandle:
+        store = CheckpointStore()
+        if model_path is not None:
+            base_model = read_meta(store.resolve(model_path, kind="sampler_weights")).get("base_model")
+        sampler = SamplerServer(FakeSamplerEngine(base_model or "fake"), store=store)
+        self.servers.append(sampler)
+        return SamplerHandle(sampler=asgi_endpoint(sampler.app, "fake-sampler"), base_model=base_model or "fake",
+                             sampler_id=f"fake-sampler-{uuid.uuid4().hex[:8]}", checkpoint_path=model_path)
+
+    async def get_server_capabilities(self) -> ServerCapabilities:
+        return ServerCapabilities(supported_models=[SupportedModel(model_name="any", max_context_length=4096,
+                                                                   gpu_classes=["cpu"])])
+
+    async def aclose(self) -> None:
+        for s in self.servers:
+            if isinstance(s, TrainerServer):
+                s.close()
+            else:
+                s.shutting_down = True
+        self.servers.clear()

@@ -1,0 +1,183 @@
+"""The six losses of ``loops_core.losses``, as pure functions on tensors.
+
+Each function takes the trainer's logprobs of one packed micro-batch plus the datums' inputs,
+flattened the same way (:class:`LossInputs`), and returns the summed loss (a differentiable scalar)
+and its metrics as (numerator, denominator) pairs, so that micro-batches combine exactly
+(:func:`combine_stats`). The formulas are the table in ``loops_core.losses``; ``w_t`` (the optional
+``weights`` input, default 1) multiplies every per-token term, so a zero weight removes a token from
+the loss while its logprob is still reported.
+
+Metric conventions (not fixed by the table, chosen here):
+
+* ``num_tokens:sum`` counts active positions (a position with ``[K]`` targets counts once if any
+  of its targets is active).
+* ``ratio:mean`` is the mean of ``r_t = exp(lp_t - q_t)`` over active positions.
+* ``clip_fraction:mean`` is the fraction of active positions whose ratio lies outside
+  ``[clip_low, clip_high]``.
+* ``margin:mean`` is the mean over pairs of the beta-scaled margin ``m``; ``accuracy:mean`` the
+  fraction of pairs with ``m > 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Stats = dict[str, tuple[Tensor, Tensor]]  # metric name -> (numerator, denominator)
+
+
+@dataclass
+class LossInputs:
+    """One packed micro-batch: ``N`` positions, ``K`` targets per position (K = 1 except for
+    cross_entropy with ``[T, K]`` targets). Every tensor is finite: the packer puts 0 where a
+    target is inactive, so NaN in an unused input cannot leak into a gradient."""
+
+    logprobs: Tensor  # [N, K] float32, the trainer's lp_t (0 where inactive); carries the graph
+    active: Tensor  # [N, K] bool, target id >= 0
+    weights: Tensor  # [N, K] float32, w_t (1 if not given; 0 where inactive)
+    datum: Tensor  # [N] int64, index of the datum within the micro-batch
+    num_datums: int
+    sampler_logprobs: Tensor | None = None  # [N] q_t
+    advantages: Tensor | None = None  # [N] A_t
+    ref_logprobs: Tensor | None = None  # [N] (dpo)
+    clip_low: Tensor | None = None  # [N] per-token thresholds (config value where not given)
+    clip_high: Tensor | None = None
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar; backward() of it adds this micro-batch's gradient
+    stats: Stats
+
+
+def _count(x: Tensor) -> Tensor:
+    return x.sum(dtype=torch.float32)
+
+
+def _one(x: Tensor) -> Tensor:
+    return torch.ones((), dtype=torch.float32, device=x.device)
+
+
+def _base_stats(b: LossInputs, loss: Tensor) -> Stats:
+    return {"loss:sum": (loss.detach(), _one(loss)),
+            "num_tokens:sum": (_count(b.active.any(-1)), _one(loss))}
+
+
+def _rl_terms(b: LossInputs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """lp, q, A, w, active as [N] vectors (RL losses have one target per position)."""
+    assert b.sampler_logprobs is not None and b.advantages is not None
+    return (b.logprobs[:, 0], b.sampler_logprobs, b.advantages, b.weights[:, 0], b.active[:, 0])
+
+
+def _ratio(lp: Tensor, q: Tensor, active: Tensor) -> Tensor:
+    # Inactive positions have lp = q = 0, so r = 1 there: finite, and weighted out below.
+    return torch.exp(torch.where(active, lp - q, torch.zeros_like(lp)))
+
+
+def _ratio_stats(r: Tensor, active: Tensor) -> Stats:
+    return {"ratio:mean": ((r.detach() * active).sum(), _count(active))}
+
+
+def cross_entropy(b: LossInputs, config: dict[str, float]) -> LossOutput:
+    """sum_t -w_t * lp_t (signed weights allowed; [T, K] targets score K tokens per position)."""
+    loss = -(b.weights * b.logprobs).sum()
+    return LossOutput(loss, _base_stats(b, loss))
+
+
+def importance_sampling(b: LossInputs, config: dict[str, float]) -> LossOutput:
+    """sum_t -r_t * A_t."""
+    lp, q, adv, w, active = _rl_terms(b)
+    r = _ratio(lp, q, active)
+    loss = -(w * r * adv).sum()
+    return LossOutput(loss, {**_base_stats(b, loss), **_ratio_stats(r, active)})
+
+
+def _clip_bounds(b: LossInputs, config: dict[str, float]) -> tuple[Tensor | float, Tensor | float]:
+    lo = b.clip_low if b.clip_low is not None else config["clip_low_threshold"]
+    hi = b.clip_high if b.clip_high is not None else config["clip_high_threshold"]
+    return lo, hi
+
+
+def _clip(r: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
+    lo_t = torch.as_tensor(lo, dtype=r.dtype, device=r.device)
+    hi_t = torch.as_tensor(hi, dtype=r.dtype, device=r.device)
+    return torch.minimum(torch.maximum(r, lo_t), hi_t)
+
+
+def _clip_stats(r: Tensor, lo, hi, active: Tensor) -> Stats:
+    r = r.detach()
+    outside = ((r < lo) | (r > hi)) & active
+    return {"clip_fraction:mean": (_count(outside), _count(active))}
+
+
+def ppo(b: LossInputs, config: dict[str, float]) -> LossOutput:
+    """sum_t -min(r_t A_t, clip(r_t, lo, hi) A_t)."""
+    lp, q, adv, w, active = _rl_terms(b)
+    lo, hi = _clip_bounds(b, config)
+    r = _ratio(lp, q, active)
+    objective = torch.minimum(r * adv, _clip(r, lo, hi) * adv)
+    loss = -(w * objective).sum()
+    return LossOutput(loss, {**_base_stats(b, loss), **_ratio_stats(r, active),
+                             **_clip_stats(r, lo, hi, active)})
+
+
+def cispo(b: LossInputs, config: dict[str, float]) -> LossOutput:
+    """sum_t -sg(clip(r_t, lo, hi)) * A_t * lp_t."""
+    lp, q, adv, w, active = _rl_terms(b)
+    lo, hi = _clip_bounds(b, config)
+    r = _ratio(lp, q, active)
+    loss = -(w * _clip(r, lo, hi).detach() * adv * lp).sum()
+    return LossOutput(loss, {**_base_stats(b, loss), **_ratio_stats(r, active),
+                             **_clip_stats(r, lo, hi, active)})
+
+
+def dro(b: LossInputs, config: dict[str, float]) -> LossOutput:
+    """sum_t -(A_t * lp_t - beta/2 * (lp_t - q_t)^2)."""
+    lp, q, adv, w, active = _rl_terms(b)
+    beta = config["beta"]
+    loss = -(w * (adv * lp - beta / 2 * (lp - q) ** 2)).sum()
+    r = _ratio(lp, q, active)
+    return LossOutput(loss, {**_base_stats(b, loss), **_ratio_stats(r, active)})
+
+
+def dpo(b: LossInputs, config: dict[str, float]) -> LossOutput:
+    """Pairs (chosen = even datum, rejected = odd): m = beta * ((s_c - s_c,ref) - (s_r - s_r,ref))
+    with s = sum_t w_t lp_t; loss = sum_pairs -(1 - ls) log sig(m) - ls log sig(-m)."""
+    assert b.ref_logprobs is not None and b.num_datums % 2 == 0
+    beta, ls = config["beta"], config["label_smoothing"]
+    w = b.weights[:, 0]
+    per_token = w * (b.logprobs[:, 0] - b.ref_logprobs)  # w_t (lp_t - ref_t); 0 where inactive
+    delta = torch.zeros(b.num_datums, dtype=per_token.dtype, device=per_token.device)
+    delta = delta.index_add(0, b.datum, per_token)  # s - s_ref per datum
+    m = beta * (delta[0::2] - delta[1::2])
+    loss = -((1 - ls) * F.logsigmoid(m) + ls * F.logsigmoid(-m)).sum()
+    pairs = torch.full((), m.numel(), dtype=torch.float32, device=m.device)
+    return LossOutput(loss, {**_base_stats(b, loss),
+                             "accuracy:mean": (_count(m.detach() > 0), pairs),
+                             "margin:mean": (m.detach().sum(), pairs)})
+
+
+LOSS_FUNCTIONS = {
+    "cross_entropy": cross_entropy,
+    "importance_sampling": importance_sampling,
+    "ppo": ppo,
+    "cispo": cispo,
+    "dro": dro,
+    "dpo": dpo,
+}
+
+
+def combine_stats(parts: list[Stats], config: dict[str, float]) -> dict[str, float]:
+    """Metrics over micro-batches: ``:sum`` metrics add up, ``:mean`` metrics are
+    sum(numerators) / sum(denominators) (0.0 when nothing was counted: metrics travel as JSON)."""
+    out: dict[str, float] = {}
+    for name in parts[0]:
+        num = sum(float(p[name][0]) for p in parts)
+        den = sum(float(p[name][1]) for p in parts)
+        out[name] = num if name.endswith(":sum") else (num / den if den else 0.0)
+    if config.get("skip_token_normalization"):
+        out["skip_token_normalization"] = 1.0
+    return out

@@ -1,0 +1,641 @@
+"""``HFSamplerEngine``: the sampler contract on plain transformers + peft (CPU or one GPU).
+
+One base model, loaded once; every published adapter version is a *named* peft LoRA adapter
+(``v{version}``) on the same ``PeftModel``, added and deleted without reloading the base.
+
+Concurrent ``generate`` calls are put on a queue; a single worker thread (all torch work happens
+there, so the event loop is never blocked) drains up to ``max_batch_size`` sequences, waiting at
+most ``batch_wait_ms`` for more, and decodes them as one left-padded batch with a KV cache. Rows of
+one batch may ask for different adapter versions (peft's mixed-adapter batches: the ``adapter_names``
+forward kwarg, one name per row, ``"__base__"`` for the base model) and different sampling settings.
+
+Sampling is per row: temperature (< 1e-5 means greedy), top-k, top-p, and a row-local
+``torch.Generator`` (CPU) seeded with the request seed (+ i for the i-th of ``n`` samples). The
+generator only supplies one uniform number per step; the token is drawn by inverse CDF from the
+row's own probabilities, so the draw does not depend on the other rows of the batch. Logprobs
+are those of the sampled token under ``softmax(logits / T)`` over the full vocabulary (``T = 1``
+when greedy), computed in float32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import secrets
+import threading
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loops_core.engine import GeneratedSequence, GenerationRequest, GenerationResult, SamplerEngine
+
+logger = logging.getLogger(__name__)
+
+_SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM does)
+_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+# Prompt logprobs are computed over at most this many float32 logits at once.
+_PROMPT_LOGITS_BUDGET = 1 << 25  # 128 MiB of float32
+
+
+def _resolve_model_path(base_model: str) -> str:
+    try:
+        from loops_backends.local_gpu.tiny_model import resolve_model_path
+    except ImportError:  # pragma: no cover - tiny_model is part of the package
+        return base_model
+    return resolve_model_path(base_model)
+
+
+def _adapter_name(version: int) -> str:
+    return f"v{version}"
+
+
+# --------------------------------------------------------------------------------------------
+# Work items
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """One ``generate`` call on its way through the worker."""
+
+    req: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    adapter: str
+    seeds: list[int]
+    sequences: list[GeneratedSequence | None]
+    rows_left: int
+    prompt_logprobs: list[float | None] | None = None
+    prompt_topk: list[list[tuple[int, float]] | None] | None = None
+    cancelled: bool = False
+    failed: bool = False
+
+
+@dataclass
+class _Row:
+    """One sequence of a job (or, for ``max_tokens == 0``, just its prompt-logprob pass)."""
+
+    job: _Job
+    index: int  # which of the job's n sequences; -1 for a prompt-logprob-only row
+    want_prompt_lp: bool
+    max_new: int
+    greedy: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: Any = None  # torch.Generator, created in the worker
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str | None = None
+    done: bool = False
+
+
+@dataclass
+class _Control:
+    kind: str  # "load" | "unload" | "stop"
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future | None
+    version: int = 0
+    path: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+class HFSamplerEngine(SamplerEngine):
+    """Sampler engine on transformers + peft. See the module docstring.
+
+    ``device`` defaults to ``cuda`` when available, else ``cpu``; ``dtype`` to bfloat16 on CUDA and
+    float32 on CPU. Attributes besides the contract's: ``tokenizer``, ``device``, ``dtype``,
+    ``num_batches`` (batches run so far), ``batch_sizes`` (rows of the recent batches, newest
+    last) and ``loaded_versions``.
+    """
+
+    def __init__(self, base_model: str, *, device: str | None = None, dtype: str | None = None,
+                 max_batch_size: int = 64, batch_wait_ms: float = 2.0) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.base_model = base_model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            if not isinstance(self.dtype, torch.dtype):
+                raise ValueError(f"unknown dtype {dtype!r}")
+        self.max_batch_size = int(max_batch_size)
+        self.batch_wait_s = max(0.0, float(batch_wait_ms)) / 1000.0
+
+        path = _resolve_model_path(base_model)
+        self.model_path = path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        model.to(self.device)
+        model.eval()
+        model.requires_grad_(False)
+        self._base = model  # the transformers model (LoRA layers are injected into it in place)
+        self._model = model  # what we call: the base model, or the PeftModel wrapping it
+        self._peft = None  # the PeftModel, once an adapter was loaded
+        self._decoder = model.get_decoder()
+        self._lm_head = model.get_output_embeddings()
+        cfg = model.config
+        self._softcap = getattr(cfg, "final_logit_softcapping", None)
+
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        mpe = getattr(cfg, "max_position_embeddings", None)
+        self.max_seq_len = int(mpe) if mpe else None
+        self.eos_token_ids = self._find_eos_ids(model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self._pad_id = int(pad)
+
+        self._loaded: set[int] = set()  # versions whose load finished (read from the event loop)
+        self.num_batches = 0
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._worker, name="loops-hf-sampler", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def loaded_versions(self) -> list[int]:
+        return sorted(self._loaded)
+
+    @staticmethod
+    def _find_eos_ids(model, tokenizer) -> list[int]:
+        ids: list[int] = []
+
+        def add(v):
+            if v is None:
+                return
+            for x in ([v] if isinstance(v, int) else list(v)):
+                if x is not None and int(x) not in ids:
+                    ids.append(int(x))
+
+        gen = getattr(model, "generation_config", None)
+        add(getattr(gen, "eos_token_id", None) if gen is not None else None)
+        add(getattr(model.config, "eos_token_id", None))
+        add(tokenizer.eos_token_id)
+        return ids
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    async def load_adapter(self, version: int, path: Path) -> None:
+        version = int(version)
+        if version < 1:
+            raise ValueError(f"adapter version must be >= 1, got {version}")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"no adapter_config.json in {path}")
+        await self._control("load", version, str(path))
+        self._loaded.add(version)
+
+    async def unload_adapter(self, version: int) -> None:
+        version = int(version)
+        self._loaded.discard(version)
+        await self._control("unload", version)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if self._closed:
+            raise RuntimeError("HFSamplerEngine is closed")
+        req = request
+        prompt = [int(t) for t in req.prompt]
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if self.max_seq_len is not None and len(prompt) > self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len {self.max_seq_len}")
+        n = int(req.n)
+        if n < 0 or req.max_tokens < 0:
+            raise ValueError("n and max_tokens must be >= 0")
+        if req.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0.0 < req.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        version = int(req.adapter or 0)
+        if version and version not in self._loaded:
+            raise KeyError(f"adapter version {version} is not loaded")
+        want_plp = req.prompt_logprobs is not None
+        if want_plp and req.prompt_logprobs < 0:
+            raise ValueError("prompt_logprobs must be None or >= 0")
+
+        max_new = int(req.max_tokens)
+        if self.max_seq_len is not None:
+            max_new = min(max_new, self.max_seq_len - len(prompt))
+        if n == 0 or max_new <= 0:
+            # No decoding at all: one prefill row for the prompt logprobs, if any.
+            if not want_plp:
+                return GenerationResult(
+                    sequences=[GeneratedSequence(tokens=[], logprobs=[], finish_reason="length")
+                               for _ in range(n)])
+        base_seed = req.seed if req.seed is not None else secrets.randbits(63)
+        loop = asyncio.get_running_loop()
+        job = _Job(req=GenerationRequest(**{**req.__dict__, "prompt": prompt}), loop=loop,
+                   future=loop.create_future(),
+                   adapter=_adapter_name(version) if version else _BASE,
+                   seeds=[(int(base_seed) + i) % (1 << 64) for i in range(n)],
+                   sequences=[None] * n, rows_left=0)
+        greedy = req.temperature < _SAMPLING_EPS
+        rows: list[_Row] = []
+        if n == 0 or max_new <= 0:
+            rows.append(_Row(job=job, index=-1, want_prompt_lp=True, max_new=0, greedy=True,
+                             temperature=1.0, top_k=-1, top_p=1.0))
+            job.sequences = [GeneratedSequence(tokens=[], logprobs=[], finish_reason="length")
+                             for _ in range(n)]
+        else:
+            for i in range(n):
+                rows.append(_Row(job=job, index=i, want_prompt_lp=want_plp and i == 0,
+                                 max_new=max_new, greedy=greedy,
+                                 temperature=1.0 if greedy else float(req.temperature),
+                                 top_k=int(req.top_k), top_p=float(req.top_p)))
+        job.rows_left = len(rows)
+        self._queue.put(rows)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put(_Control("stop", loop, fut))
+        await fut
+        await asyncio.to_thread(self._thread.join)
+        self._peft = None
+        self._model = self._base = None  # type: ignore[assignment]
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # pragma: no cover
+            pass
+
+    # ---------------------------------------------------------------- plumbing
+
+    async def _control(self, kind: str, version: int, path: str = "") -> None:
+        if self._closed:
+            raise RuntimeError("HFSamplerEngine is closed")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put(_Control(kind, loop, fut, version, path))
+        await fut
+
+    @staticmethod
+    def _resolve(loop, fut, result=None, exc: BaseException | None = None) -> None:
+        def set_it():
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        try:
+            loop.call_soon_threadsafe(set_it)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _worker(self) -> None:
+        pending: deque[_Row] = deque()
+        control: _Control | None = None
+        while True:
+            if not pending:
+                if control is not None:
+                    stop = control.kind == "stop"
+                    self._run_control(control)
+                    control = None
+                    if stop:
+                        return
+                    continue
+                item = self._queue.get()
+                if isinstance(item, _Control):
+                    control = item
+                    continue
+                pending.extend(item)
+            # Gather more work, until the batch is full or the wait is over.
+            deadline = time.monotonic() + self.batch_wait_s
+            while control is None and len(pending) < self.max_batch_size:
+                left = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Control):
+                    control = item  # runs once everything queued before it is done
+                    break
+                pending.extend(item)
+            batch: list[_Row] = []
+            while pending and len(batch) < self.max_batch_size:
+                row = pending.popleft()
+                if row.job.cancelled or row.job.failed:
+                    continue
+                batch.append(row)
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except BaseException as e:  # noqa: BLE001 - report to every caller of the batch
+                logger.exception("HF sampler batch failed")
+                for job in {id(r.job): r.job for r in batch}.values():
+                    job.failed = True
+                    self._resolve(job.loop, job.future, exc=e)
+
+    def _run_control(self, c: _Control) -> None:
+        try:
+            if c.kind == "load":
+                self._do_load(c.version, c.path)
+            elif c.kind == "unload":
+                self._do_unload(c.version)
+            result, exc = None, None
+        except BaseException as e:  # noqa: BLE001
+            result, exc = None, e
+        if c.loop is not None and c.future is not None:
+            self._resolve(c.loop, c.future, result, exc)
+
+    def _do_load(self, version: int, path: str) -> None:
+        import torch
+        from peft import PeftModel
+
+        name = _adapter_name(version)
+        if self._peft is not None and name in self._peft.peft_config:
+            self._do_unload(version)  # loading a version again replaces it
+        with torch.no_grad():
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(
+                    self._base, path, adapter_name=name, is_trainable=False,
+                    torch_device=str(self.device))
+            else:
+                try:
+                    self._peft.load_adapter(path, adapter_name=name, is_trainable=False,
+                                            torch_device=str(self.device))
+                except BaseException:
+                    if name in self._peft.peft_config:
+                        self._do_unload(version)
+                    raise
+        self._model = self._peft
+        self._peft.eval()
+        self._lm_head = self._base.get_output_embeddings()
+        self._decoder = self._base.get_decoder()
+
+    def _do_unload(self, version: int) -> None:
+        name = _adapter_name(version)
+        if self._peft is None or name not in self._peft.peft_config:
+            return
+        if len(self._peft.peft_config) == 1:
+            # Last adapter: drop the LoRA layers altogether and go back to the plain base model.
+            self._base = self._peft.unload()
+            self._peft = None
+            self._model = self._base
+            self._lm_head = self._base.get_output_embeddings()
+            self._decoder = self._base.get_decoder()
+            return
+        with warnings.catch_warnings():  # "Adapter vN was active which is now deleted"
+            warnings.simplefilter("ignore")
+            self._peft.delete_adapter(name)
+
+    def _adapters(self, names: list[str]):
+        """Context in which the model's forward uses adapter ``names[i]`` for batch row ``i``."""
+        if self._peft is None:
+            return contextlib.nullcontext()
+        return self._peft._enable_peft_forward_hooks(adapter_names=list(names))
+
+    def _logits(self, hidden):
+        logits = self._lm_head(hidden).float()
+        if self._softcap:
+            logits = (logits / self._softcap).tanh() * self._softcap
+        return logits
+
+    # ---------------------------------------------------------------- the batch
+
+    def _run_batch(self, rows: list[_Row]) -> None:
+        import torch
+
+        self.num_batches += 1
+        self.batch_sizes.append(len(rows))
+        dev = self.device
+        eos = set(self.eos_token_ids)
+        for r in rows:
+            if r.generator is None and not r.greedy and r.index >= 0:
+                g = torch.Generator(device="cpu")
+                g.manual_seed(r.job.seeds[r.index])
+                r.generator = g
+
+        with torch.inference_mode():
+            prompts = [r.job.req.prompt for r in rows]
+            lens = [len(p) for p in prompts]
+            L = max(lens)
+            B = len(rows)
+            ids = torch.full((B, L), self._pad_id, dtype=torch.long)
+            mask = torch.zeros((B, L), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[i, L - len(p):] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+            names = [r.job.adapter for r in rows]
+
+            cache = self._new_cache()
+            with self._adapters(names):
+                out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                    past_key_values=cache, use_cache=True)
+                hidden = out.last_hidden_state
+                last_logits = self._logits(hidden[:, -1, :])
+            cache = out.past_key_values if out.past_key_values is not None else cache
+
+            plp_rows = [i for i, r in enumerate(rows) if r.want_prompt_lp]
+            for i in plp_rows:
+                self._prompt_logprobs(rows[i], hidden[i, L - lens[i]:, :], names[i])
+            del hidden, out
+
+            # Rows with nothing to generate are done after the prefill.
+            for r in rows:
+                if r.max_new <= 0:
+                    r.done = True
+                    self._finish_row(r)
+
+            active = [i for i, r in enumerate(rows) if not r.done]
+            logits = last_logits
+            next_pos = pos[:, -1] + 1
+            # ``cur`` maps positions in the (possibly pruned) device batch to ``rows`` indices.
+            cur = list(range(B))
+            finished_since_prune = B - len(active)
+            while active:
+                act_rows = [rows[cur[j]] for j in range(len(cur))]
+                toks, lps = self._sample(logits, act_rows)
+                for j, r in enumerate(act_rows):
+                    if r.done:
+                        continue
+                    if r.job.cancelled or r.job.failed:
+                        r.done = True
+                        finished_since_prune += 1
+                        continue
+                    t = toks[j]
+                    r.tokens.append(t)
+                    r.logprobs.append(lps[j])
+                    self._check_stop(r, t, eos)
+                    if r.done:
+                        finished_since_prune += 1
+                        self._finish_row(r)
+                if all(rows[c].done for c in cur):
+                    break
+                # Drop finished rows from the device batch once enough of them piled up.
+                keep = [j for j, c in enumerate(cur) if not rows[c].done]
+                if finished_since_prune and finished_since_prune * 4 >= len(cur) \
+                        and hasattr(cache, "batch_select_indices"):
+                    sel = torch.tensor(keep, dtype=torch.long, device=dev)
+                    cache.batch_select_indices(sel)
+                    mask = mask.index_select(0, sel)
+                    next_pos = next_pos.index_select(0, sel)
+                    toks = [toks[j] for j in keep]
+                    cur = [cur[j] for j in keep]
+                    names = [names[j] for j in keep]
+                    finished_since_prune = 0
+                step_ids = torch.tensor(toks, dtype=torch.long).to(dev)[:, None]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                with self._adapters(names):
+                    out = self._decoder(input_ids=step_ids, attention_mask=mask,
+                                        position_ids=next_pos[:, None], past_key_values=cache,
+                                        use_cache=True)
+                    logits = self._logits(out.last_hidden_state[:, -1, :])
+                cache = out.past_key_values if out.past_key_values is not None else cache
+                next_pos = next_pos + 1
+                active = [c for c in cur if not rows[c].done]
+            del cache
+
+    def _new_cache(self):
+        from transformers.cache_utils import DynamicCache
+
+        try:
+            return DynamicCache(config=self._base.config)
+        except TypeError:  # older transformers
+            return DynamicCache()
+
+    def _prompt_logprobs(self, row: _Row, hidden, name: str) -> None:
+        """Prompt logprobs (temperature 1) of ``row``'s prompt from its prefill hidden states."""
+        import torch
+
+        job = row.job
+        prompt = job.req.prompt
+        k = int(job.req.prompt_logprobs or 0)
+        k = min(k, self.vocab_size)
+        P = len(prompt)
+        lps: list[float | None] = [None]
+        tops: list[list[tuple[int, float]] | None] | None = [None] if k > 0 else None
+        if P > 1:
+            targets = torch.tensor(prompt[1:], dtype=torch.long, device=hidden.device)
+            chunk = max(1, _PROMPT_LOGITS_BUDGET // max(1, self.vocab_size))
+            with self._adapters([name]):
+                for s in range(0, P - 1, chunk):
+                    e = min(P - 1, s + chunk)
+                    logp = torch.log_softmax(self._logits(hidden[None, s:e, :])[0], dim=-1)
+                    lps.extend(logp.gather(1, targets[s:e, None])[:, 0].tolist())
+                    if k > 0:
+                        v, ix = torch.topk(logp, k, dim=-1, sorted=True)
+                        for vv, ii in zip(v.tolist(), ix.tolist()):
+                            tops.append(list(zip(ii, vv)))
+                    del logp
+        job.prompt_logprobs = lps
+        job.prompt_topk = tops
+
+    def _sample(self, logits, rows: list[_Row]) -> tuple[list[int], list[float]]:
+        """One token per row of ``logits`` [B, V] (float32), with its logprob."""
+        import torch
+
+        B, V = logits.shape
+        dev = logits.device
+        temps = torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=dev)
+        logp = torch.log_softmax(logits / temps[:, None], dim=-1)
+        tok = logits.argmax(dim=-1)
+        # Rows that draw at random (top_k == 1 is the argmax whatever the temperature).
+        samp = [j for j, r in enumerate(rows) if not r.greedy and r.top_k != 1 and not r.done]
+        # One uniform per sampling row and step, from the row's own generator.
+        u_all = {j: float(torch.rand((), generator=rows[j].generator)) for j in samp}
+        # How a row is drawn depends on its own settings only, never on the rest of the batch:
+        # rows without top-k/top-p walk the vocabulary in id order, the others the stably
+        # sorted (descending) probabilities, truncated.
+        filt = [j for j in samp if 0 < rows[j].top_k < V or rows[j].top_p < 1.0]
+        plain = [j for j in samp if j not in set(filt)]
+        if plain:
+            u = torch.tensor([u_all[j] for j in plain], dtype=torch.float32).to(dev)
+            chosen = self._inverse_cdf(logp[plain].exp(), u)[:, 0]
+            tok[torch.tensor(plain, dtype=torch.long, device=dev)] = chosen
+        if filt:
+            u = torch.tensor([u_all[j] for j in filt], dtype=torch.float32).to(dev)
+            ks = torch.tensor([rows[j].top_k if 0 < rows[j].top_k < V else V for j in filt],
+                              device=dev)
+            ps = torch.tensor([rows[j].top_p for j in filt], dtype=torch.float32, device=dev)
+            sp, si = torch.sort(logp[filt].exp(), dim=-1, descending=True, stable=True)
+            keep = torch.arange(V, device=dev)[None, :] < ks[:, None]
+            before = sp.cumsum(-1) - sp  # probability mass of the better tokens
+            keep &= before < ps[:, None]
+            keep[:, 0] = True
+            chosen = si.gather(1, self._inverse_cdf(sp * keep, u))[:, 0]
+            tok[torch.tensor(filt, dtype=torch.long, device=dev)] = chosen
+        lp = logp.gather(1, tok[:, None])[:, 0]
+        return tok.tolist(), lp.tolist()
+
+    @staticmethod
+    def _inverse_cdf(probs, u):
+        """Index [B, 1] of the token that uniform ``u`` [B] lands on in unnormalised ``probs``."""
+        import torch
+
+        cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1:]
+        target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+        idx = torch.searchsorted(cdf, target, right=True)
+        return idx.clamp_(max=probs.shape[-1] - 1)
+
+    def _check_stop(self, r: _Row, t: int, eos: set[int]) -> None:
+        req = r.job.req
+        if t in req.stop_token_ids or (req.stop_at_eos and t in eos):
+            r.done, r.finish_reason = True, "stop"
+            return
+        if req.stop:
+            longest = max(len(s) for s in req.stop)
+            # The new token can only complete a stop string in the last few characters; a byte
+            # level token is at least one byte, so 4 tokens per character (plus slack) suffice.
+            tail = self.tokenizer.decode(r.tokens[-(4 * longest + 8):], skip_special_tokens=True)
+            if any(s and s in tail for s in req.stop):
+                text = self.decode(r.tokens)
+                hits = [text.find(s) for s in req.stop if s and s in text]
+                if hits:
+                    r.text = text[:min(hits)]
+                    r.done, r.finish_reason = True, "stop"
+                    return
+        if len(r.tokens) >= r.max_new:
+            r.done, r.finish_reason = True, "length"
+
+    def _finish_row(self, r: _Row) -> None:
+        job = r.job
+        if r.index >= 0:
+            text = r.text if r.text is not None else self.decode(r.tokens)
+            job.sequences[r.index] = GeneratedSequence(
+                tokens=list(r.tokens), logprobs=[float(x) for x in r.logprobs],
+                finish_reason=r.finish_reason or "length", text=text)
+        job.rows_left -= 1
+        if job.rows_left == 0 and not job.failed:
+            result = GenerationResult(sequences=list(job.sequences),  # type: ignore[arg-type]
+                                      prompt_logprobs=job.prompt_logprobs,
+                                      prompt_topk=job.prompt_topk)
+            self._resolve(job.loop, job.future, result)

@@ -1,0 +1,330 @@
+"""``VLLMSamplerEngine``: the sampler contract on vLLM's v1 ``AsyncLLM`` (one CUDA GPU).
+
+vLLM does continuous batching and multi-LoRA serving itself; this engine maps the contract onto
+it:
+
+* every published adapter version is one ``LoRARequest(f"loops-v{version}", version, path)``,
+  registered with ``add_lora`` and dropped with ``remove_lora(version)``; a request pinned to an
+  older version keeps using its own ``LoRARequest`` while newer ones are loaded. vLLM keys its
+  prefix cache by the LoRA name, which is unique per version; if a version number is loaded a
+  second time (from another directory) the prefix cache is reset;
+* a request for ``n`` samples becomes ``n`` vLLM requests with ``n=1`` and seeds ``seed + i``
+  (as the HF engine does), so the i-th sample of a request seeded ``s`` is the same as the
+  only sample of a request seeded ``s + i``;
+* sampled-token logprobs come from ``logprobs=0`` with ``logprobs_mode="processed_logprobs"``,
+  i.e. after temperature scaling (temperature 1 for greedy). Caveat: vLLM also applies top-k /
+  top-p before computing these, so with ``top_k``/``top_p`` set they are logprobs of the
+  truncated, renormalised distribution rather than of the full vocabulary;
+* prompt logprobs are computed at temperature 1: on the first sample's request when its
+  temperature is 1 (or greedy), else on a separate one-token request at temperature 1;
+* ``max_tokens=0`` (``compute_logprobs``) is a one-token request whose output is dropped.
+
+vLLM itself refuses temperatures above 2 and raises temperatures in (0, 0.01) to 0.01.
+All ``vllm`` imports happen inside functions so that this module imports without vllm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from loops_core.engine import GeneratedSequence, GenerationRequest, GenerationResult, SamplerEngine
+
+_SAMPLING_EPS = 1e-5
+SUPPORTED_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@lru_cache(maxsize=1)
+def _vllm_importable() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def vllm_available() -> bool:
+    """True when vLLM can serve here: ``vllm`` imports and torch sees a CUDA GPU."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+    except Exception:
+        return False
+    return _vllm_importable()
+
+
+def round_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM supports that is >= ``rank``."""
+    for r in SUPPORTED_LORA_RANKS:
+        if rank <= r:
+            return r
+    raise ValueError(f"LoRA rank {rank} exceeds vLLM's maximum {SUPPORTED_LORA_RANKS[-1]}")
+
+
+def _adapter_rank(path: Path) -> int:
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    ranks = [int(cfg.get("r") or 0)]
+    ranks += [int(v) for v in (cfg.get("rank_pattern") or {}).values()]
+    return max(ranks)
+
+
+def _resolve_model_path(base_model: str) -> str:
+    try:
+        from loops_backends.local_gpu.tiny_model import resolve_model_path
+    except ImportError:  # pragma: no cover
+        return base_model
+    return resolve_model_path(base_model)
+
+
+class VLLMSamplerEngine(SamplerEngine):
+    """Sampler engine on vLLM's ``AsyncLLM``. See the module docstring.
+
+    ``max_lora_rank`` is rounded up to a rank vLLM supports; adapters of a higher rank are
+    refused by ``load_adapter``. ``max_batch_size`` maps to vLLM's ``max_num_seqs``;
+    ``device`` must be CUDA (or None) and ``batch_wait_ms`` is ignored (vLLM batches
+    continuously); both exist so that the engines take the same keyword arguments.
+    ``engine_kwargs`` are passed on to ``AsyncEngineArgs`` last, overriding the rest.
+    """
+
+    def __init__(self, base_model: str, *, dtype: str | None = None, max_lora_rank: int = 64,
+                 max_loras: int = 4, max_cpu_loras: int | None = None,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
+                 max_logprobs: int = 64, enable_prefix_caching: bool = True,
+                 enforce_eager: bool = False, seed: int = 0, device: str | None = None,
+                 max_batch_size: int | None = None, batch_wait_ms: float | None = None,
+                 engine_kwargs: dict[str, Any] | None = None) -> None:
+        del batch_wait_ms  # vLLM schedules continuously
+        if device is not None and not str(device).startswith("cuda"):
+            raise ValueError(f"the vLLM engine runs on CUDA, not {device!r}")
+        from transformers import AutoTokenizer, GenerationConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.base_model = base_model
+        path = _resolve_model_path(base_model)
+        self.model_path = path
+        self.max_lora_rank = round_lora_rank(int(max_lora_rank))
+        args: dict[str, Any] = dict(
+            model=path,
+            dtype=dtype or "auto",
+            enable_lora=True,
+            max_lora_rank=self.max_lora_rank,
+            max_loras=int(max_loras),
+            max_cpu_loras=int(max_cpu_loras or max(16, max_loras)),
+            enable_prefix_caching=enable_prefix_caching,
+            logprobs_mode="processed_logprobs",
+            max_logprobs=int(max_logprobs),
+            gpu_memory_utilization=float(gpu_memory_utilization),
+            enforce_eager=enforce_eager,
+            seed=int(seed),
+            disable_log_stats=True,
+        )
+        if max_model_len is not None:
+            args["max_model_len"] = int(max_model_len)
+        if max_batch_size is not None:
+            args["max_num_seqs"] = int(max_batch_size)
+        args.update(engine_kwargs or {})
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        mc = self._engine.model_config
+        self.vocab_size = int(mc.get_vocab_size())
+        self.max_seq_len = int(mc.max_model_len) if mc.max_model_len else None
+        eos: list[int] = []
+
+        def add(v):
+            for x in ([v] if isinstance(v, int) else list(v or [])):
+                if x is not None and int(x) not in eos:
+                    eos.append(int(x))
+
+        try:
+            add(GenerationConfig.from_pretrained(path).eos_token_id)
+        except Exception:  # no generation_config.json
+            pass
+        add(getattr(mc.hf_config, "eos_token_id", None))
+        add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self.max_logprobs = int(max_logprobs)
+        self._loras: dict[int, Any] = {}  # version -> LoRARequest
+        self._ever_loaded: set[int] = set()
+        self._closed = False
+
+    # ---------------------------------------------------------------- adapters
+
+    @property
+    def loaded_versions(self) -> list[int]:
+        return sorted(self._loras)
+
+    async def load_adapter(self, version: int, path: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        version = int(version)
+        if version < 1:
+            raise ValueError(f"adapter version must be >= 1, got {version}")
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"no adapter_config.json in {path}")
+        rank = _adapter_rank(path)
+        if rank > self.max_lora_rank:
+            raise ValueError(f"adapter rank {rank} exceeds this engine's max_lora_rank "
+                             f"{self.max_lora_rank}; create the engine with a larger one")
+        if version in self._loras:
+            await self.unload_adapter(version)
+        lora = LoRARequest(f"loops-v{version}", version, str(path))
+        ok = await self._engine.add_lora(lora)
+        if ok is False:
+            raise RuntimeError(f"vLLM refused to load adapter version {version} from {path}")
+        if version in self._ever_loaded:
+            # Same name, possibly other weights: don't let the prefix cache serve stale KV.
+            await self._engine.reset_prefix_cache()
+        self._ever_loaded.add(version)
+        self._loras[version] = lora
+
+    async def unload_adapter(self, version: int) -> None:
+        version = int(version)
+        if self._loras.pop(version, None) is not None:
+            await self._engine.remove_lora(version)
+
+    # ---------------------------------------------------------------- generation
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if self._closed:
+            raise RuntimeError("VLLMSamplerEngine is closed")
+        req = request
+        prompt = [int(t) for t in req.prompt]
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if self.max_seq_len is not None and len(prompt) > self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len {self.max_seq_len}")
+        n = int(req.n)
+        if n < 0 or req.max_tokens < 0:
+            raise ValueError("n and max_tokens must be >= 0")
+        version = int(req.adapter or 0)
+        lora = None
+        if version:
+            lora = self._loras.get(version)
+            if lora is None:
+                raise KeyError(f"adapter version {version} is not loaded")
+        plp = req.prompt_logprobs
+        if plp is not None and plp < 0:
+            raise ValueError("prompt_logprobs must be None or >= 0")
+        if plp is not None and plp > self.max_logprobs:
+            raise ValueError(f"prompt_logprobs={plp} exceeds max_logprobs {self.max_logprobs}")
+
+        max_new = int(req.max_tokens)
+        if self.max_seq_len is not None:
+            max_new = min(max_new, self.max_seq_len - len(prompt))
+        generating = n > 0 and max_new > 0
+        greedy = req.temperature < _SAMPLING_EPS
+        # Prompt logprobs ride on the first sample only when it runs at temperature 1.
+        plp_on_first = plp is not None and generating and (greedy or req.temperature == 1.0)
+        plp_separate = plp is not None and not plp_on_first
+
+        calls = []
+        if generating:
+            for i in range(n):
+                sp = SamplingParams(
+                    n=1,
+                    temperature=0.0 if greedy else float(req.temperature),
+                    top_p=float(req.top_p),
+                    top_k=int(req.top_k) if req.top_k > 0 else -1,
+                    max_tokens=max_new,
+                    seed=None if req.seed is None else (int(req.seed) + i) % (1 << 63),
+                    stop=list(req.stop) or None,
+                    stop_token_ids=[int(t) for t in req.stop_token_ids] or None,
+                    ignore_eos=not req.stop_at_eos,
+                    logprobs=0,
+                    prompt_logprobs=plp if (i == 0 and plp_on_first) else None,
+                    skip_special_tokens=True,
+                    output_kind=RequestOutputKind.FINAL_ONLY,
+                )
+                calls.append(self._run(prompt, sp, lora))
+        if plp_separate:
+            sp = SamplingParams(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=plp,
+                                detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+            calls.append(self._run(prompt, sp, lora))
+        outs = await asyncio.gather(*calls) if calls else []
+
+        sequences: list[GeneratedSequence] = []
+        if generating:
+            for out in outs[:n]:
+                c = out.outputs[0]
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM request ended with finish_reason={c.finish_reason!r}")
+                tokens = [int(t) for t in c.token_ids]
+                lps = self._token_logprobs(tokens, c.logprobs)
+                sequences.append(GeneratedSequence(tokens=tokens, logprobs=lps,
+                                                   finish_reason=c.finish_reason, text=c.text))
+        else:
+            sequences = [GeneratedSequence(tokens=[], logprobs=[], finish_reason="length")
+                         for _ in range(n)]
+        result = GenerationResult(sequences=sequences)
+        if plp is not None:
+            src = outs[-1] if plp_separate else outs[0]
+            result.prompt_logprobs, result.prompt_topk = self._prompt_logprobs(
+                prompt, src.prompt_logprobs, int(plp))
+        return result
+
+    async def _run(self, prompt: list[int], sp, lora):
+        from vllm.inputs import TokensPrompt
+
+        final = None
+        async for out in self._engine.generate(TokensPrompt(prompt_token_ids=prompt), sp,
+                                               f"loops-{uuid.uuid4().hex}", lora_request=lora):
+            final = out
+        if final is None:  # pragma: no cover - vLLM always yields the final output
+            raise RuntimeError("vLLM returned no output")
+        return final
+
+    @staticmethod
+    def _token_logprobs(tokens: list[int], logprobs) -> list[float]:
+        if logprobs is None:
+            raise RuntimeError("vLLM returned no logprobs for the sampled tokens")
+        out = []
+        for t, d in zip(tokens, logprobs):
+            out.append(float(d[t].logprob))
+        if len(out) != len(tokens):
+            raise RuntimeError("vLLM returned logprobs for fewer tokens than it sampled")
+        return out
+
+    @staticmethod
+    def _prompt_logprobs(prompt: list[int], plps, k: int):
+        """vLLM's per-position dicts -> (logprob of each prompt token, top-k lists)."""
+        lps: list[float | None] = [None]
+        tops: list[list[tuple[int, float]] | None] | None = [None] if k > 0 else None
+        entries = list(plps) if plps is not None else []
+        # Position 0 is None (or an empty dict in the flat format); one entry per later token.
+        if len(entries) == len(prompt):
+            entries = entries[1:]
+        if len(entries) != len(prompt) - 1:
+            raise RuntimeError(f"vLLM returned {len(entries)} prompt logprobs for a prompt of "
+                               f"{len(prompt)} tokens")
+        for i, d in enumerate(entries, start=1):
+            lps.append(float(d[prompt[i]].logprob))
+            if k > 0:
+                ranked = [(int(t), float(lp.logprob), lp.rank) for t, lp in d.items()
+                          if lp.rank is not None and lp.rank <= k]
+                ranked.sort(key=lambda x: (-x[1], x[2]))
+                tops.append([(t, v) for t, v, _ in ranked[:k]])
+        return lps, tops
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.shutdown()

@@ -1,0 +1,138 @@
+"""The ``loops`` command: list backends, serve a trainer/sampler pair, run one server.
+
+::
+
+    loops backends                               every backend and whether its extra is installed
+    loops serve --model M [--engine fake|local]  a paired trainer + sampler in the foreground
+    loops serve-trainer / serve-sampler ...      one server (the local backend starts these)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from typing import Any
+
+import httpx
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loops", description="loops: LoRA post-training on pluggable backends")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("backends", help="list the registered backends")
+
+    serve = sub.add_parser("serve", help="run a paired trainer and sampler in the foreground")
+    _server_args(serve)
+    serve.add_argument("--trainer-port", type=int, default=8000)
+    serve.add_argument("--sampler-port", type=int, default=8001)
+
+    trainer = sub.add_parser("serve-trainer", help="run one trainer server")
+    _server_args(trainer)
+    trainer.add_argument("--port", type=int, default=0)
+    trainer.add_argument("--sampler-url", default=None, help="the paired sampler, which receives published adapters")
+    trainer.add_argument("--run-id", default=None)
+
+    sampler = sub.add_parser("serve-sampler", help="run one sampler server")
+    _server_args(sampler)
+    sampler.add_argument("--port", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    return {"backends": _backends, "serve": _serve, "serve-trainer": _serve_trainer,
+            "serve-sampler": _serve_sampler}[args.command](args)
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model: loops/tiny-qwen3, an HF id or a local directory")
+    p.add_argument("--engine", default="local", choices=["fake", "local"], help="numpy fake or torch (default)")
+    p.add_argument("--sampler-engine", default="auto", choices=["auto", "hf", "vllm"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--api-key", default=os.environ.get("LOOPS_API_KEY"), help="required off loopback")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _backends(args: argparse.Namespace) -> int:
+    from .plugins import collect_backends, resolve_backend_name
+
+    selected = resolve_backend_name()
+    rows = []
+    for name, info in sorted(collect_backends().items()):
+        ok = info.installed
+        status = "installed" if ok else f"missing {', '.join(info.missing)} (pip install 'loops[{info.extra}]')"
+        mark = "*" if name == selected else " "
+        rows.append(f"{mark} {name:<9} {status:<52} {info.description}")
+    print("Backends (* = selected by LOOPS_BACKEND, default local):")
+    print("\n".join(rows))
+    return 0
+
+
+def _engines(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(make_trainer_engine, make_sampler_engine) for --engine."""
+    if args.engine == "fake":
+        from loops_backends.fake.engine import FakeSamplerEngine, FakeTrainerEngine
+
+        return (lambda: FakeTrainerEngine(args.model, lora_rank=args.rank, seed=args.seed),
+                lambda: FakeSamplerEngine(args.model))
+    from loops_backends.local_gpu.samplers import make_sampler_engine
+    from loops_backends.local_gpu.trainer import TorchTrainerEngine
+
+    return (lambda: TorchTrainerEngine(args.model, lora_rank=args.rank, seed=args.seed),
+            lambda: make_sampler_engine(args.model, engine=args.sampler_engine))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server.run import Listener, require_key_off_loopback, serve
+    from .server.sampler import SamplerServer
+    from .server.trainer import SamplerLink, TrainerServer
+
+    require_key_off_loopback(args.host, args.api_key)
+    make_trainer, make_sampler = _engines(args)
+    sampler = SamplerServer(make_sampler(), api_key=args.api_key)
+    link = SamplerLink(url="http://sampler", transport=httpx.ASGITransport(app=sampler.app),
+                       headers={"Authorization": f"Api-Key {args.api_key}"} if args.api_key else None)
+    trainer = TrainerServer(make_trainer(), run_id=f"run-{uuid.uuid4().hex[:12]}", sampler=link, seed=args.seed,
+                            api_key=args.api_key)
+
+    def ready(listeners: list[Listener]) -> None:
+        t, s = listeners
+        print(f"trainer: {t.url}\nsampler: {s.url}\n"
+              f"connect: ServiceClient.local(trainer_url={t.url!r}, sampler_url={s.url!r})", flush=True)
+
+    serve([Listener("trainer", trainer.app, args.host, args.trainer_port),
+           Listener("sampler", sampler.app, args.host, args.sampler_port)], parent_pid=args.parent_pid, on_ready=ready)
+    return 0
+
+
+def _serve_trainer(args: argparse.Namespace) -> int:
+    from .server.run import Listener, require_key_off_loopback, serve
+    from .server.trainer import SamplerLink, TrainerServer
+
+    require_key_off_loopback(args.host, args.api_key)
+    make_trainer, _ = _engines(args)
+    link = None
+    if args.sampler_url:
+        link = SamplerLink(url=args.sampler_url,
+                           headers={"Authorization": f"Api-Key {args.api_key}"} if args.api_key else None)
+    trainer = TrainerServer(make_trainer(), run_id=args.run_id or f"run-{uuid.uuid4().hex[:12]}", sampler=link,
+                            seed=args.seed, api_key=args.api_key)
+    serve([Listener("trainer", trainer.app, args.host, args.port)], parent_pid=args.parent_pid)
+    return 0
+
+
+def _serve_sampler(args: argparse.Namespace) -> int:
+    from .server.run import Listener, require_key_off_loopback, serve
+    from .server.sampler import SamplerServer
+
+    require_key_off_loopback(args.host, args.api_key)
+    _, make_sampler = _engines(args)
+    sampler = SamplerServer(make_sampler(), api_key=args.api_key)
+    serve([Listener("sampler", sampler.app, args.host, args.port)], parent_pid=args.parent_pid)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

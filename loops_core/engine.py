@@ -1,0 +1,152 @@
+"""The two engine contracts: the only places with math.
+
+The trainer and sampler servers (``loops_core.server``) own the protocol: queues, idempotency,
+ordering, long-polls, checkpoint directories and version pinning. They call an engine for the
+numbers. An engine knows nothing of HTTP.
+
+* ``TrainerEngine`` methods are synchronous: the trainer server calls them one at a time, in
+  submission order, from a single worker thread, so an engine needs no locking.
+* ``SamplerEngine`` methods are async: the sampler server awaits many ``generate`` calls at once,
+  and an engine batches them however it likes (the HF engine collects concurrent requests into one
+  ``generate`` batch; vLLM does continuous batching).
+
+Adapters travel between the two only as directories on disk (``export_adapter`` writes one,
+``load_adapter`` reads one), so a sampler can run in another process or container.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .types import AdamParams, Datum, ForwardBackwardOutput
+
+
+class TrainerEngine(abc.ABC):
+    """A base model plus one trainable LoRA adapter and its optimizer.
+
+    Attributes every engine sets: ``base_model`` (the name it was created with), ``arch`` (e.g.
+    ``Qwen3ForCausalLM``), ``tokenizer_id`` (what ``AutoTokenizer.from_pretrained`` or the fake
+    tokenizer loader accepts), ``vocab_size``, ``max_seq_len`` (or None), ``lora_rank`` and ``step``
+    (optimizer steps taken since ``init_lora``).
+    """
+
+    base_model: str
+    arch: str
+    tokenizer_id: str
+    vocab_size: int
+    max_seq_len: int | None
+    lora_rank: int
+    step: int
+
+    @abc.abstractmethod
+    def init_lora(self, rank: int, seed: int | None) -> None:
+        """Replace the adapter with a fresh one of ``rank``; zero gradients, reset Adam, step = 0.
+
+        The same ``seed`` gives bit-identical initial adapter weights.
+        """
+
+    @abc.abstractmethod
+    def forward_backward(self, data: list[Datum], loss_fn: str, config: dict[str, float], *,
+                         backward: bool) -> ForwardBackwardOutput:
+        """Run the loss (see ``loops_core.losses``) over ``data``.
+
+        ``data`` has been validated already (keys, shapes, vocabulary); ``config`` has defaults
+        filled in. With ``backward=True`` the gradient is *added* to the accumulated gradient; with
+        ``backward=False`` the accumulated gradient is left exactly as it was.
+        """
+
+    @abc.abstractmethod
+    def optim_step(self, params: AdamParams) -> dict[str, float]:
+        """Clip (``grad_clip_norm`` > 0), apply one AdamW step, zero gradients, ``step += 1``.
+
+        Returns metrics such as ``grad_norm:mean`` and ``learning_rate:mean``.
+        """
+
+    @abc.abstractmethod
+    def save_state(self, directory: Path) -> None:
+        """Write adapter weights, Adam moments and the step into the (existing, empty) directory,
+        as safetensors + JSON, never pickle."""
+
+    @abc.abstractmethod
+    def load_state(self, directory: Path, *, with_optimizer: bool) -> None:
+        """Load what ``save_state`` wrote. Without ``with_optimizer`` Adam starts fresh (step kept).
+        Accumulated gradients are zeroed."""
+
+    @abc.abstractmethod
+    def export_adapter(self, directory: Path) -> None:
+        """Write the adapter as a PEFT directory (``adapter_config.json`` + safetensors) into the
+        (existing, empty) directory, loadable by the paired ``SamplerEngine.load_adapter``."""
+
+    def close(self) -> None:  # pragma: no cover - optional
+        """Release resources (GPU memory)."""
+
+
+@dataclass
+class GenerationRequest:
+    """One ``/sample`` call, resolved: ``max_tokens`` is set and ``adapter`` names the version."""
+
+    prompt: list[int]
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_at_eos: bool = True
+    # None: no prompt logprobs. 0: the logprob of each prompt token. k > 0: also the top k.
+    prompt_logprobs: int | None = None
+    adapter: int | None = None  # policy version to serve; None or 0 means the base model
+
+
+@dataclass
+class GeneratedSequence:
+    tokens: list[int]
+    # Logprob of each sampled token under softmax(logits / temperature) over the full vocabulary
+    # (temperature 1 when sampling greedily), as Tinker's RL code expects.
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+    text: str = ""
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[GeneratedSequence]
+    # One entry per prompt position, None at position 0 (nothing precedes it). Temperature 1.
+    prompt_logprobs: list[float | None] | None = None
+    # Top-k (token id, logprob) per prompt position, None at position 0.
+    prompt_topk: list[list[tuple[int, float]] | None] | None = None
+
+
+class SamplerEngine(abc.ABC):
+    """A base model plus any number of loaded adapter versions.
+
+    Attributes: ``base_model``, ``vocab_size``, ``max_seq_len`` (or None), ``eos_token_ids``.
+    """
+
+    base_model: str
+    vocab_size: int
+    max_seq_len: int | None
+    eos_token_ids: list[int]
+
+    @abc.abstractmethod
+    async def load_adapter(self, version: int, path: Path) -> None:
+        """Make the adapter directory at ``path`` servable as ``version`` (an int >= 1)."""
+
+    @abc.abstractmethod
+    async def unload_adapter(self, version: int) -> None:
+        """Forget ``version``; later requests for it are not made (the server checks)."""
+
+    @abc.abstractmethod
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Sample ``request.n`` sequences. The same non-None seed gives the same tokens."""
+
+    def decode(self, tokens: list[int]) -> str:  # pragma: no cover - engines override
+        return ""
+
+    async def aclose(self) -> None:  # pragma: no cover - optional
+        pass

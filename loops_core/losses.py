@@ -1,0 +1,198 @@
+"""Loss functions: names, inputs, config defaults, and request validation. No math lives here.
+
+Every engine implements these with the same meaning. Notation, per datum and per position ``t``
+of its input: ``lp_t`` is the trainer's log-probability of ``target_tokens[t]`` given positions
+``<= t``; ``q_t`` is the sampler's logprob (``logprobs`` input); ``A_t`` the advantage;
+``r_t = exp(lp_t - q_t)`` the importance ratio; ``sg`` stops the gradient. A position is *active*
+when its target id is >= 0; inactive positions (e.g. -100) contribute nothing and their output
+logprob is NaN. Losses are **sums** over active positions and datums (no normalisation, as in
+Tinker): scale with ``weights`` or ``advantages`` if you want a mean.
+
+==================== ====================================================== ====================
+loss_fn              loss                                                   config (defaults)
+==================== ====================================================== ====================
+cross_entropy        sum_t -w_t * lp_t   (``weights`` default 1; signed       --
+                     weights are allowed; [T, K] targets+weights score K
+                     tokens per position)
+importance_sampling  sum_t -r_t * A_t                                       --
+ppo                  sum_t -min(r_t A_t, clip(r_t, lo, hi) A_t)             clip_low_threshold 0.8,
+                                                                            clip_high_threshold 1.2
+cispo                sum_t -sg(clip(r_t, lo, hi)) * A_t * lp_t              clip_low_threshold 0.0,
+                                                                            clip_high_threshold 4.0
+dro                  sum_t -(A_t * lp_t - beta/2 * (lp_t - q_t)^2)          beta 0.05
+dpo                  datums are pairs (chosen at even, rejected at odd      beta 0.1,
+                     index). s = sum_t w_t lp_t, s_ref = sum_t w_t ref_t;   label_smoothing 0.0
+                     m = beta*((s_c - s_c,ref) - (s_r - s_r,ref));
+                     loss = sum_pairs -(1-ls) log sig(m) - ls log sig(-m)
+==================== ====================================================== ====================
+
+For importance_sampling, ppo, cispo and dro an optional ``weights`` input multiplies each
+position's term (default 1). ``dro`` follows the quadratic-penalty form of Tinker's docs; the exact published definition is not
+available offline, so treat it as this project's definition. Per-token ``clip_low_threshold`` /
+``clip_high_threshold`` inputs, when given, override the config for ppo and cispo.
+
+Outputs (every loss): per datum ``{"logprobs": TensorData float32 shaped like target_tokens}``.
+Metrics: ``loss:sum``, ``num_tokens:sum`` (active target entries: positions, or (t, k) entries
+for [T, K] targets); ppo and cispo add ``clip_fraction:mean`` (share of active tokens with
+r < lo or r > hi); importance_sampling/ppo/cispo/dro add ``ratio:mean`` (mean r over active
+tokens); dpo adds ``accuracy:mean`` (share of pairs with m > 0) and ``margin:mean`` (mean m).
+A mean over nothing is 0.0. If the config sets ``skip_token_normalization`` the metric
+``skip_token_normalization`` = 1.0 is echoed (the published client's custom-loss path checks it;
+our losses are never normalised).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import InvalidRequestError
+from .types import Datum, TensorData
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    config: Mapping[str, float] = field(default_factory=dict)
+    paired: bool = False  # dpo: datums come in (chosen, rejected) pairs
+
+
+_RL_INPUTS = ("target_tokens", "logprobs", "advantages")
+_CLIP_INPUTS = ("clip_low_threshold", "clip_high_threshold")
+
+LOSSES: dict[str, LossSpec] = {
+    s.name: s
+    for s in [
+        LossSpec("cross_entropy", ("target_tokens",), ("weights",)),
+        LossSpec("importance_sampling", _RL_INPUTS, ("weights",)),
+        LossSpec("ppo", _RL_INPUTS, ("weights", *_CLIP_INPUTS),
+                 {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
+        LossSpec("cispo", _RL_INPUTS, ("weights", *_CLIP_INPUTS),
+                 {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
+        LossSpec("dro", _RL_INPUTS, ("weights",), {"beta": 0.05}),
+        LossSpec("dpo", ("target_tokens", "ref_logprobs"), ("weights",),
+                 {"beta": 0.1, "label_smoothing": 0.0}, paired=True),
+    ]
+}
+
+# Config keys accepted by every loss (the published client's custom-loss path sends this one).
+COMMON_CONFIG = {"skip_token_normalization": 0.0}
+FLOAT_KEYS = {"weights", "logprobs", "advantages", "ref_logprobs", *_CLIP_INPUTS}
+
+
+def resolve_config(loss_fn: str, config: Mapping[str, Any] | None) -> dict[str, float]:
+    """The loss config with defaults filled in; unknown keys are an error."""
+    spec = get_spec(loss_fn)
+    allowed = {**COMMON_CONFIG, **spec.config}
+    out = dict(allowed)
+    for k, v in (config or {}).items():
+        if k not in allowed:
+            raise InvalidRequestError(
+                f"loss_fn_config key {k!r} is not used by {loss_fn!r}; "
+                f"accepted keys: {sorted(allowed)}", field=f"loss_fn_config.{k}")
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"loss_fn_config[{k!r}] must be a number, got {v!r}",
+                                      field=f"loss_fn_config.{k}") from None
+    return out
+
+
+def get_spec(loss_fn: str) -> LossSpec:
+    if loss_fn not in LOSSES:
+        raise InvalidRequestError(
+            f"Unknown loss_fn {loss_fn!r}; choose one of {sorted(LOSSES)} "
+            "(or use forward_backward_custom for your own loss)", field="loss_fn")
+    return LOSSES[loss_fn]
+
+
+def validate_batch(data: list[Datum], loss_fn: str, loss_fn_config: Mapping[str, Any] | None,
+                   *, vocab_size: int | None = None, max_seq_len: int | None = None) -> dict[str, float]:
+    """Check a forward/forward_backward request; return the resolved config.
+
+    Raises InvalidRequestError naming the datum and field. Runs on the client (without
+    ``vocab_size``) and again on the server (with it), before anything is executed.
+    """
+    spec = get_spec(loss_fn)
+    config = resolve_config(loss_fn, loss_fn_config)
+    if not data:
+        raise InvalidRequestError("data is empty: pass at least one Datum", field="data")
+    if spec.paired and len(data) % 2:
+        raise InvalidRequestError(
+            f"{loss_fn} needs datums in (chosen, rejected) pairs; got {len(data)} datums", field="data")
+    for i, d in enumerate(data):
+        _validate_datum(i, d, spec, vocab_size, max_seq_len)
+    return config
+
+
+def _validate_datum(i: int, d: Datum, spec: LossSpec, vocab_size: int | None,
+                    max_seq_len: int | None) -> None:
+    where = f"data[{i}]"
+    n = d.model_input.length
+    if n == 0:
+        raise InvalidRequestError(f"{where}.model_input is empty", field=f"{where}.model_input")
+    if max_seq_len is not None and n > max_seq_len:
+        raise InvalidRequestError(
+            f"{where}.model_input has {n} tokens, more than max_seq_len={max_seq_len}",
+            field=f"{where}.model_input")
+    if vocab_size is not None:
+        for chunk in d.model_input.chunks:
+            for t in getattr(chunk, "tokens", ()):
+                if not 0 <= t < vocab_size:
+                    raise InvalidRequestError(
+                        f"{where}.model_input holds token id {t}, outside the vocabulary [0, {vocab_size})",
+                        field=f"{where}.model_input")
+    inputs = d.loss_fn_inputs
+    for key in spec.required:
+        if key not in inputs:
+            raise InvalidRequestError(
+                f"{where}.loss_fn_inputs is missing {key!r}, which {spec.name} needs "
+                f"(required: {list(spec.required)})", field=f"{where}.loss_fn_inputs.{key}")
+    for key in inputs:
+        if key not in spec.required and key not in spec.optional:
+            raise InvalidRequestError(
+                f"{where}.loss_fn_inputs has key {key!r}, which {spec.name} does not use "
+                f"(accepted: {list(spec.required + spec.optional)})", field=f"{where}.loss_fn_inputs.{key}")
+    target = inputs["target_tokens"]
+    _check_td(where, "target_tokens", target, n, ints=True)
+    if len(target.shape or []) not in (1, 2) or (len(target.shape) == 2 and spec.name != "cross_entropy"):
+        raise InvalidRequestError(
+            f"{where}.loss_fn_inputs['target_tokens'] has shape {target.shape}; expected [{n}]"
+            + (f" or [{n}, K]" if spec.name == "cross_entropy" else ""),
+            field=f"{where}.loss_fn_inputs.target_tokens")
+    if vocab_size is not None:
+        bad = [t for t in target.data if t >= vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"{where}.loss_fn_inputs['target_tokens'] holds token id {bad[0]}, outside the "
+                f"vocabulary [0, {vocab_size}) (use a negative id such as -100 to mask a position)",
+                field=f"{where}.loss_fn_inputs.target_tokens")
+    for key, td in inputs.items():
+        if key == "target_tokens":
+            continue
+        _check_td(where, key, td, n, ints=False)
+        if key in ("weights",) and td.shape != target.shape:
+            raise InvalidRequestError(
+                f"{where}.loss_fn_inputs[{key!r}] has shape {td.shape} but target_tokens has {target.shape}",
+                field=f"{where}.loss_fn_inputs.{key}")
+        if key != "weights" and td.shape != [n]:
+            raise InvalidRequestError(
+                f"{where}.loss_fn_inputs[{key!r}] has shape {td.shape}; expected [{n}] (one value per "
+                "input position)", field=f"{where}.loss_fn_inputs.{key}")
+
+
+def _check_td(where: str, key: str, td: TensorData, n: int, *, ints: bool) -> None:
+    fld = f"{where}.loss_fn_inputs.{key}"
+    if ints and td.dtype not in ("int64", "int32"):
+        raise InvalidRequestError(
+            f"{where}.loss_fn_inputs[{key!r}] has dtype {td.dtype!r}; token ids must be int64", field=fld)
+    if not ints and td.dtype not in ("float32", "float64", "float16", "bfloat16"):
+        raise InvalidRequestError(
+            f"{where}.loss_fn_inputs[{key!r}] has dtype {td.dtype!r}; it must be float32", field=fld)
+    if not td.shape or td.shape[0] != n:
+        raise InvalidRequestError(
+            f"{where}.loss_fn_inputs[{key!r}] has shape {td.shape} but model_input has {n} positions; "
+            f"per-position inputs need length {n} (target_tokens[i] is the label for position i)",
+            field=fld)

@@ -1,0 +1,149 @@
+"""The trainer's operation queue: submit → operation id, execute in order, long-poll the result.
+
+* **Idempotency.** An operation's id is its ``Idempotency-Key`` when given. Resubmitting a known key
+  returns the same id and runs nothing again.
+* **Order.** Operations run one at a time. Those carrying ``seq_id`` run in ``seq_id`` order: if
+  seq 7 arrives before seq 6, it waits for 6 (at most ``gap_wait`` seconds, in case 6 was never
+  sent). A ``seq_id`` at or below the last one run means a new client started counting again.
+* **Results** are kept ``ttl`` seconds after they finish; then a poll gets 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+OpFn = Callable[[], Awaitable[Any]]
+
+
+@dataclass
+class Operation:
+    id: str
+    name: str
+    seq_id: int | None
+    fn: OpFn | None
+    arrival: int
+    submitted_at: float = field(default_factory=time.monotonic)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    result: Any = None
+    error: str | None = None
+    error_class: str | None = None
+    finished_at: float | None = None
+
+    def payload(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"status": "error", "operation_id": self.id, "error": self.error,
+                    "error_class": self.error_class, "schema_version": 1}
+        return {"status": "done", "operation_id": self.id, "result": self.result, "schema_version": 1}
+
+
+class OperationQueue:
+    def __init__(self, *, ttl: float = 3600.0, gap_wait: float = 5.0):
+        self.ttl = ttl
+        self.gap_wait = gap_wait
+        self._ops: dict[str, Operation] = {}
+        self._pending: list[Operation] = []
+        self._arrivals = itertools.count()
+        self._last_seq: int | None = None
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
+        self.running: Operation | None = None
+
+    def submit(self, name: str, fn: OpFn, *, key: str | None, seq_id: int | None) -> tuple[Operation, bool]:
+        """Queue ``fn``; returns (operation, created). Must be called on the server's loop."""
+        self._evict()
+        if key and key in self._ops:
+            return self._ops[key], False
+        op = Operation(id=key or uuid.uuid4().hex, name=name, seq_id=seq_id, fn=fn, arrival=next(self._arrivals))
+        self._ops[op.id] = op
+        self._pending.append(op)
+        self._ensure_runner()
+        assert self._wake is not None
+        self._wake.set()
+        return op, True
+
+    def get(self, op_id: str) -> Operation | None:
+        self._evict()
+        return self._ops.get(op_id)
+
+    async def wait(self, op: Operation, hold: float) -> bool:
+        """Wait up to ``hold`` seconds for ``op``; True when it is done."""
+        try:
+            await asyncio.wait_for(op.done.wait(), hold)
+        except asyncio.TimeoutError:
+            pass
+        return op.done.is_set()
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending) + (1 if self.running else 0)
+
+    # ---- execution ----------------------------------------------------------------------
+    def _ensure_runner(self) -> None:
+        # Created lazily on the loop that serves requests (uvicorn's, or the SDK's for in-process apps).
+        if self._runner is None or self._runner.done():
+            self._wake = asyncio.Event()
+            self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    def _pick(self) -> tuple[Operation | None, float]:
+        """The next operation to run, or (None, seconds to wait for a missing seq_id)."""
+        unordered = [o for o in self._pending if o.seq_id is None]
+        if unordered:
+            return min(unordered, key=lambda o: o.arrival), 0.0
+        op = min(self._pending, key=lambda o: (o.seq_id, o.arrival))
+        expected = None if self._last_seq is None else self._last_seq + 1
+        if expected is None or op.seq_id <= expected or op.seq_id == 1:  # type: ignore[operator]
+            return op, 0.0
+        waited = time.monotonic() - op.submitted_at
+        if waited >= self.gap_wait:
+            return op, 0.0
+        return None, self.gap_wait - waited
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            op, delay = self._pick()
+            if op is None:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            self._pending.remove(op)
+            if op.seq_id is not None:
+                self._last_seq = op.seq_id
+            self.running = op
+            try:
+                assert op.fn is not None
+                op.result = await op.fn()
+            except Exception as exc:  # the op failed; the server keeps serving
+                op.error = str(exc) or type(exc).__name__
+                op.error_class = type(exc).__name__
+                if not getattr(exc, "expected", False):
+                    traceback.print_exc()
+            finally:
+                op.fn = None
+                op.finished_at = time.monotonic()
+                self.running = None
+                op.done.set()
+
+    def close(self) -> None:
+        """Stop the runner (callable from any thread). Pending operations are abandoned."""
+        runner = self._runner
+        if runner is not None and not runner.done():
+            runner.get_loop().call_soon_threadsafe(runner.cancel)
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        for k in [k for k, o in self._ops.items() if o.finished_at and now - o.finished_at > self.ttl]:
+            del self._ops[k]

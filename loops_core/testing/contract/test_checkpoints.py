@@ -1,0 +1,84 @@
+"""Contract: checkpoints are directories that round-trip, and resumption is exact."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from loops_core import AdamParams, Checkpoint, CheckpointFilesResponse
+from loops_core.testing.contract.data import france, logprobs_of, sft_datum
+
+LR = AdamParams(learning_rate=2e-2, grad_clip_norm=1.0, weight_decay=0.01)
+
+pytestmark = pytest.mark.requires("checkpoints")
+
+
+def test_save_list_and_fetch_files(tc, service):
+    saved = tc.save_state("contract-state").result(timeout=600)
+    assert saved.path
+    mine = [c for c in tc.list_checkpoints() if c.checkpoint_id == "contract-state"]
+    assert mine and isinstance(mine[0], Checkpoint) and mine[0].run_id == tc.run_id
+    assert any(c.checkpoint_id == "contract-state" for c in service.list_checkpoints(tc.run_id))
+    files = tc.get_checkpoint_archive_url(mine[0].id)
+    assert isinstance(files, CheckpointFilesResponse) and files.total_count == len(files.presigned_urls) > 0
+    assert all(f.size_bytes > 0 and f.url for f in files.presigned_urls)
+    first = service.get_checkpoint_archive_url(mine[0].id, page_size=1)
+    assert len(first.presigned_urls) == 1 and (first.next_page_token == 1 or files.total_count == 1)
+
+    async def run():
+        a = await service.list_checkpoints_async(tc.run_id)
+        b = await tc.list_checkpoints_async()
+        c = await tc.get_checkpoint_archive_url_async(mine[0].id)
+        d = await service.get_checkpoint_archive_url_async(mine[0].id)
+        e = await service.get_server_capabilities_async()
+        return a, b, c, d, e
+
+    a, b, c, d, _ = asyncio.run(run())
+    assert len(a) >= 1 and len(b) >= 1 and c.total_count == d.total_count
+
+
+def test_load_state_restores_weights(tc):
+    datum = sft_datum(*france(tc.get_tokenizer()))
+    for _ in range(2):
+        tc.forward_backward([datum]).result(timeout=600)
+        tc.optim_step(LR).result(timeout=600)
+    saved = tc.save_state("restore-me").result(timeout=600)
+    at_save = logprobs_of(tc.forward([datum]).result(timeout=600))
+    tc.init_trainer_server(8, seed=99).result(timeout=600)
+    assert logprobs_of(tc.forward([datum]).result(timeout=600)) != pytest.approx(at_save, nan_ok=True)
+    tc.load_state(saved.path).result(timeout=600)
+    assert logprobs_of(tc.forward([datum]).result(timeout=600)) == pytest.approx(at_save, nan_ok=True, rel=1e-5)
+
+    async def run():
+        return await (await tc.load_state_async(saved.path)), await (await tc.save_state_async("restore-me-2"))
+
+    loaded, again = asyncio.run(run())
+    assert again.path
+
+
+def test_resume_with_optimizer_matches_uninterrupted_run(tc):
+    datum = sft_datum(*france(tc.get_tokenizer()))
+
+    def steps(n):
+        out = []
+        for _ in range(n):
+            out.append(tc.forward_backward([datum]).result(timeout=600).loss)
+            tc.optim_step(LR).result(timeout=600)
+        return out
+
+    straight = steps(5)
+    tc.init_trainer_server(8, seed=1234).result(timeout=600)
+    first = steps(2)
+    saved = tc.save_state("resume-point").result(timeout=600)
+    steps(2)  # wander off, then come back
+    tc.load_state_with_optimizer(saved.path).result(timeout=600)
+    rest = steps(3)
+
+    async def run():
+        return await (await tc.load_state_with_optimizer_async(saved.path))
+
+    assert asyncio.run(run()) is not None
+    assert all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(first + rest, straight)), (
+        first + rest, straight)

@@ -1,0 +1,203 @@
+"""The HTTP client side of the Loops data-plane protocol (httpx), and the one place where httpx
+errors and HTTP statuses become ``loops_core.errors``.
+
+Retry policy, and how it differs from the published client:
+
+* submits carry one ``Idempotency-Key`` reused across retries, so a retry never runs twice;
+* retried: connection errors, 502/504, and 408 (cold start, version gate), with capped exponential
+  backoff until ``ready_timeout``;
+* **not** retried: 400/422 (the request is invalid: ``InvalidRequestError``), 401/403, 404, 410;
+  503 is ``ServerShutdownError`` at once;
+* polls hold for up to 30 s on the server and re-poll at once on 408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Mapping
+
+import httpx
+
+from . import __version__
+from .errors import (APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError,
+                     InvalidRequestError, NotFoundError, RemoteOpError, ServerShutdownError, UnknownRequestError)
+
+POLL_READ_TIMEOUT = 35.0  # the server holds a poll for up to 30 s
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a server is: base URL, extra headers, and (in-process) an httpx transport."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    transport: httpx.AsyncBaseTransport | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"Endpoint(url={self.url!r})"
+
+
+@contextlib.contextmanager
+def translate_errors(what: str, url: str):
+    """Map httpx transport errors to ours (the only such mapping in loops)."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise APITimeoutError(f"{what}: request to {url} timed out ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:
+        raise APIConnectionError(f"{what}: cannot reach {url} ({type(exc).__name__}: {exc})") from exc
+
+
+def error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        for key in ("detail", "error", "message"):
+            v = body.get(key)
+            if isinstance(v, str):
+                return v
+            if isinstance(v, dict) and isinstance(v.get("message"), str):
+                return v["message"]
+    return str(body)[:500]
+
+
+def raise_for_status(response: httpx.Response, what: str) -> None:
+    """Raise the loops error for a non-2xx answer."""
+    status = response.status_code
+    if status < 400:
+        return
+    text = error_text(response)
+    field_name = None
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        field_name = response.json().get("error", {}).get("field")
+    if status in (400, 422):
+        raise InvalidRequestError(f"{what}: {text}", field=field_name, status_code=status)
+    if status in (401, 403):
+        raise AuthenticationError(f"{what}: the server rejected the credentials ({status}): {text}")
+    if status == 404:
+        raise NotFoundError(f"{what}: {text}", status_code=status, body=text)
+    if status == 503:
+        raise ServerShutdownError(f"{what}: the server is shutting down (503): {text}")
+    raise APIStatusError(f"{what}: HTTP {status}: {text}", status_code=status, body=text)
+
+
+RETRY_STATUSES = {408, 502, 504}
+
+
+async def backoff_sleep(attempt: int, cap: float = 10.0) -> None:
+    await asyncio.sleep(min(cap, 0.05 * 2 ** attempt) * (0.5 + random.random() / 2))
+
+
+class WireClient:
+    """An httpx.AsyncClient for one server, created lazily on the SDK loop."""
+
+    def __init__(self, endpoint: Endpoint, *, timeout: float = 600.0, ready_timeout: float = 600.0,
+                 extra_headers: Mapping[str, str] | None = None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.ready_timeout = ready_timeout
+        self.extra_headers = dict(extra_headers or {})
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            headers = {"User-Agent": f"loops/{__version__}", **self.endpoint.headers, **self.extra_headers}
+            if self.endpoint.api_key:
+                headers["Authorization"] = f"Api-Key {self.endpoint.api_key}"
+            self._client = httpx.AsyncClient(
+                base_url=self.endpoint.url, headers=headers, transport=self.endpoint.transport,
+                timeout=httpx.Timeout(self.timeout, connect=10.0),
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        return self._client
+
+    async def request(self, method: str, path: str, *, what: str, json: Any = None,
+                      params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
+                      timeout: float | None = None, retry: bool = True) -> httpx.Response:
+        """One call with retries on transient failures; returns a 2xx response or raises."""
+        deadline = time.monotonic() + self.ready_timeout
+        attempt = 0
+        while True:
+            try:
+                with translate_errors(what, self.url + path):
+                    r = await self.client().request(method, path, json=json, params=params, headers=headers,
+                                                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+            except APIConnectionError:
+                if not retry or time.monotonic() > deadline:
+                    raise
+            else:
+                if r.status_code not in RETRY_STATUSES or not retry or time.monotonic() > deadline:
+                    raise_for_status(r, what)
+                    return r
+            await backoff_sleep(attempt)
+            attempt += 1
+
+    async def get_json(self, path: str, *, what: str, params: Mapping[str, Any] | None = None,
+                       timeout: float | None = None) -> Any:
+        return (await self.request("GET", path, what=what, params=params, timeout=timeout)).json()
+
+    # ---- the operation protocol ---------------------------------------------------------------
+    async def submit(self, path: str, body: dict[str, Any], *, what: str, key: str | None = None) -> str:
+        """POST an operation; returns its id once the server accepted it."""
+        key = key or uuid.uuid4().hex
+        r = await self.request("POST", path, what=what, json=body, headers={"Idempotency-Key": key})
+        try:
+            data = r.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("operation_id"), str) \
+                or data.get("schema_version", 1) != 1:
+            raise APIStatusError(f"{what}: unexpected submit answer {r.text[:200]!r}", status_code=r.status_code)
+        return data["operation_id"]
+
+    async def poll(self, op_id: str, *, what: str) -> Any:
+        """Long-poll ``/operations/{id}`` until it is done; returns ``result`` or raises."""
+        path = f"/operations/{op_id}"
+        while True:
+            try:
+                with translate_errors(what, self.url + path):
+                    r = await self.client().get(path, timeout=httpx.Timeout(POLL_READ_TIMEOUT, connect=10.0))
+            except APIConnectionError:
+                await asyncio.sleep(2.0)  # transient: the operation is still safe on the server
+                continue
+            if r.status_code == 408:
+                continue
+            if r.status_code == 404:
+                raise UnknownRequestError(op_id)
+            if r.status_code in (502, 504):
+                await asyncio.sleep(2.0)
+                continue
+            raise_for_status(r, what)
+            data = r.json()
+            status = data.get("status")
+            if status == "done":
+                return data.get("result")
+            if status == "error":
+                raise RemoteOpError(str(data.get("error")), data.get("error_class"), operation_id=op_id,
+                                    operation=what)
+            await asyncio.sleep(1.0)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def wire(endpoint: Endpoint, **kw: Any) -> AsyncIterator[WireClient]:
+    c = WireClient(endpoint, **kw)
+    try:
+        yield c
+    finally:
+        await c.aclose()
