@@ -5,6 +5,7 @@
     loops backends                               every backend and whether its extra is installed
     loops serve --model M [--engine fake|local]  a paired trainer + sampler in the foreground
     loops serve-trainer / serve-sampler ...      one server (the local backend starts these)
+    loops emulate baseten [--port N] [--engine fake|local]   the Baseten control-plane emulator
 """
 
 from __future__ import annotations
@@ -39,9 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     _server_args(sampler)
     sampler.add_argument("--port", type=int, default=0)
 
+    emulate = sub.add_parser("emulate", help="run a control-plane emulator (e.g. baseten) on loopback")
+    emulate.add_argument("target", choices=["baseten"])
+    emulate.add_argument("rest", nargs=argparse.REMAINDER, help="options of the emulator (see --help)")
+
     args = parser.parse_args(argv)
     return {"backends": _backends, "serve": _serve, "serve-trainer": _serve_trainer,
-            "serve-sampler": _serve_sampler}[args.command](args)
+            "serve-sampler": _serve_sampler, "emulate": _emulate}[args.command](args)
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    from loops_backends.baseten.emulator import cli_main
+
+    return cli_main(args.rest)
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:

@@ -290,23 +290,27 @@ def test_top_k_restricts_the_draw(engine, tok, ref):
 
 
 # The tiny random model repeats itself under greedy decoding, so these tests use seeded
-# sampling: the same seed gives the same tokens, up to where a stop condition cuts them.
-SAMPLED = dict(max_tokens=16, temperature=1.0, seed=1234)
-
-
+# sampling (hot enough to vary): the same seed gives the same tokens, up to where a stop
+# condition cuts them.
 def _varied(engine, tok):
-    p = _enc(tok, PROMPTS[0])
-    full = run(engine.generate(GenerationRequest(prompt=p, **SAMPLED, stop_at_eos=False)))
-    seq = full.sequences[0]
-    assert len(set(seq.tokens[:6])) >= 3 and seq.finish_reason == "length"
-    return p, seq
+    """(prompt, sampling kwargs, sequence) with a varied 16-token continuation."""
+    for temperature in (1.5, 2.0):
+        for seed in (1234, 1, 2, 3):
+            for text in PROMPTS:
+                p = _enc(tok, text)
+                kw = dict(max_tokens=16, temperature=temperature, seed=seed)
+                seq = run(engine.generate(GenerationRequest(prompt=p, **kw, stop_at_eos=False)))
+                seq = seq.sequences[0]
+                if len(set(seq.tokens[:6])) >= 4 and seq.finish_reason == "length":
+                    return p, kw, seq
+    pytest.fail("the tiny model gives no varied sampled continuation")
 
 
 def test_stop_token_ids(engine, tok):
-    p, full = _varied(engine, tok)
+    p, kw, full = _varied(engine, tok)
     stop_tok = full.tokens[3]
     cut = full.tokens.index(stop_tok)
-    res = run(engine.generate(GenerationRequest(prompt=p, **SAMPLED,
+    res = run(engine.generate(GenerationRequest(prompt=p, **kw,
                                                 stop_token_ids=[stop_tok], stop_at_eos=False)))
     seq = res.sequences[0]
     assert seq.tokens == full.tokens[:cut + 1] and seq.finish_reason == "stop"
@@ -314,13 +318,13 @@ def test_stop_token_ids(engine, tok):
 
 
 def test_stop_strings(engine, tok):
-    p, full = _varied(engine, tok)
+    p, kw, full = _varied(engine, tok)
     text = full.text
     # A stop string spanning the end of token 3 and the start of token 4, if possible.
     pre = engine.decode(full.tokens[:3])
     stop = text[max(0, len(pre) - 1):len(pre) + 1] or text[:1]
     idx = text.find(stop)
-    res = run(engine.generate(GenerationRequest(prompt=p, **SAMPLED,
+    res = run(engine.generate(GenerationRequest(prompt=p, **kw,
                                                 stop=["zzzz-not-there", stop], stop_at_eos=False)))
     seq = res.sequences[0]
     assert seq.finish_reason == "stop"
@@ -331,21 +335,21 @@ def test_stop_strings(engine, tok):
     assert stop in engine.decode(seq.tokens)
     assert stop not in engine.decode(seq.tokens[:-1])
     # A stop string that never appears changes nothing.
-    res2 = run(engine.generate(GenerationRequest(prompt=p, **SAMPLED,
+    res2 = run(engine.generate(GenerationRequest(prompt=p, **kw,
                                                  stop=["zzzz-not-there"], stop_at_eos=False)))
     assert res2.sequences[0].tokens == full.tokens and res2.sequences[0].finish_reason == "length"
 
 
 def test_stop_at_eos(engine, tok):
-    p, full = _varied(engine, tok)
+    p, kw, full = _varied(engine, tok)
     fake_eos = full.tokens[2]
     cut = full.tokens.index(fake_eos)
     saved = engine.eos_token_ids
     engine.eos_token_ids = [fake_eos]  # the tiny model never says <|endoftext|> on its own
     try:
-        on = run(engine.generate(GenerationRequest(prompt=p, **SAMPLED,
+        on = run(engine.generate(GenerationRequest(prompt=p, **kw,
                                                    stop_at_eos=True))).sequences[0]
-        off = run(engine.generate(GenerationRequest(prompt=p, **SAMPLED,
+        off = run(engine.generate(GenerationRequest(prompt=p, **kw,
                                                     stop_at_eos=False))).sequences[0]
     finally:
         engine.eos_token_ids = saved

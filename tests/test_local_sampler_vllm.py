@@ -194,7 +194,7 @@ def test_seeds(engine, tok, run):
 
 def test_stops(engine, tok, run):
     p = tok.encode(PROMPTS[0])
-    sampled = dict(prompt=p, max_tokens=16, temperature=1.0, seed=1234)
+    sampled = dict(prompt=p, max_tokens=16, temperature=1.5, seed=1234)
     full = run(engine.generate(GenerationRequest(**sampled, stop_at_eos=False))).sequences[0]
     assert full.finish_reason == "length" and len(full.tokens) == 16
     stop_tok = full.tokens[3]

@@ -76,11 +76,18 @@ def contract_model(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def service(backend_name: str) -> Iterator[Any]:
+    """A ServiceClient on the backend, inside its ``contract_environment()`` when it has one (a
+    backend that needs something running first, e.g. a control-plane emulator, provides it as a
+    classmethod context manager)."""
+    import contextlib
+
     from loops_core import ServiceClient
 
-    client = ServiceClient(backend=backend_name)
-    yield client
-    client.close()
+    env = getattr(_backend_class(backend_name), "contract_environment", None)
+    with (env() if env else contextlib.nullcontext()):
+        client = ServiceClient(backend=backend_name)
+        yield client
+        client.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,166 @@
+"""The local backend: a trainer and a sampler server as subprocesses on loopback.
+
+``create_lora_training_client`` starts ``loops serve-sampler`` and ``loops serve-trainer`` (in
+parallel, on free ports), waits until both print their ready line, and pairs them: the trainer
+publishes adapters to its sampler. They stop when the ServiceClient closes, when this process
+exits, and, through their parent watchdog, when this process dies without exiting (a crash or
+SIGKILL): no orphans.
+
+Options (``ServiceClient(backend="local", sampler_engine="hf")`` or env):
+``sampler_engine`` / ``LOOPS_SAMPLER_ENGINE``: ``auto`` (vLLM when it imports and CUDA is present,
+else HF), ``hf`` or ``vllm``. Server logs go to ``$LOOPS_HOME/logs/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import weakref
+from pathlib import Path
+
+from loops_core.backend import Backend, LocalCheckpoints, SamplerHandle, TrainerHandle
+from loops_core.checkpoints import CheckpointStore, loops_home, read_meta
+from loops_core.errors import APIConnectionError, InvalidRequestError
+from loops_core.types import ServerCapabilities, SupportedModel
+from loops_core.wire import Endpoint
+
+_LIVE: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """One ``loops serve-*`` child process and its log file."""
+
+    def __init__(self, role: str, args: list[str], log: Path):
+        self.role = role
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(log, "ab")
+        cmd = [sys.executable, "-m", "loops_core.cli", f"serve-{role}", *args, "--parent-pid", str(os.getpid())]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log_file, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)  # our Ctrl-C goes to us; we stop the child
+        self.url: str | None = None
+        _LIVE.add(self)
+
+    async def ready(self, timeout: float) -> str:
+        """Wait for the ready line; returns the server URL."""
+        loop = asyncio.get_running_loop()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline), max(remaining, 0.1))
+            except asyncio.TimeoutError:
+                self.stop()
+                raise APIConnectionError(f"the local {self.role} did not start within {timeout:.0f} s; "
+                                         f"log: {self.log}\n{self.tail()}") from None
+            if not line:
+                self.proc.wait(5)
+                raise APIConnectionError(f"the local {self.role} exited with code {self.proc.returncode} before "
+                                         f"it was ready; log: {self.log}\n{self.tail()}")
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("ready"):
+                self.url = msg["urls"][self.role]
+                return self.url
+
+    def tail(self, n: int = 25) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        _LIVE.discard(self)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for p in list(_LIVE):
+        p.stop(grace=2.0)
+
+
+class LocalBackend(LocalCheckpoints, Backend):
+    name = "local"
+    capabilities = frozenset({"checkpoints", "sampler_pinning", "standalone_sampler", "tokenizer"})
+
+    def __init__(self, config):  # noqa: ANN001
+        super().__init__(config)
+        self.processes: list[ServerProcess] = []
+        self.sampler_engine = config.options.get("sampler_engine") or os.environ.get("LOOPS_SAMPLER_ENGINE") or "auto"
+
+    async def start_session(self) -> str:
+        return f"local-{uuid.uuid4().hex[:12]}"
+
+    def _spawn(self, role: str, base_model: str, run_id: str, extra: list[str]) -> ServerProcess:
+        args = ["--model", base_model, "--engine", "local", "--sampler-engine", self.sampler_engine, *extra]
+        p = ServerProcess(role, args, loops_home() / "logs" / f"{run_id}-{role}.log")
+        self.processes.append(p)
+        return p
+
+    async def create_trainer(self, base_model: str, *, rank: int, seed: int | None, ready_timeout: float,
+                             max_seq_len: int | None = None) -> TrainerHandle:
+        run_id = f"run-{uuid.uuid4().hex[:12]}"
+        sampler_port = free_port()
+        sampler = self._spawn("sampler", base_model, run_id, ["--port", str(sampler_port)])
+        trainer = self._spawn("trainer", base_model, run_id, [
+            "--port", "0", "--run-id", run_id, "--rank", str(rank), "--sampler-url",
+            f"http://127.0.0.1:{sampler_port}", *(["--seed", str(seed)] if seed is not None else [])])
+        try:
+            sampler_url, trainer_url = await asyncio.gather(sampler.ready(ready_timeout), trainer.ready(ready_timeout))
+        except BaseException:
+            sampler.stop()
+            trainer.stop()
+            raise
+        return TrainerHandle(trainer=Endpoint(url=trainer_url), sampler=Endpoint(url=sampler_url), run_id=run_id,
+                             base_model=base_model)
+
+    async def create_sampler(self, base_model: str | None, *, ready_timeout: float,
+                             model_path: str | None = None) -> SamplerHandle:
+        if model_path is not None:
+            meta = read_meta(CheckpointStore().resolve(model_path, kind="sampler_weights"))
+            base_model = meta.get("base_model")
+            if not base_model:
+                raise InvalidRequestError(f"{model_path!r} does not record its base model", field="model_path")
+        assert base_model is not None
+        sampler_id = f"sampler-{uuid.uuid4().hex[:12]}"
+        proc = self._spawn("sampler", base_model, sampler_id, ["--port", "0"])
+        url = await proc.ready(ready_timeout)
+        return SamplerHandle(sampler=Endpoint(url=url), base_model=base_model, sampler_id=sampler_id,
+                             checkpoint_path=model_path)
+
+    async def get_server_capabilities(self) -> ServerCapabilities:
+        gpu = ["cuda"] if shutil.which("nvidia-smi") else ["cpu"]
+        return ServerCapabilities(supported_models=[
+            SupportedModel(model_name="loops/tiny-qwen3", max_context_length=2048, gpu_classes=gpu),
+            SupportedModel(model_name="any local directory or Hugging Face id in the local cache",
+                           max_context_length=None, gpu_classes=gpu)])
+
+    async def aclose(self) -> None:
+        procs, self.processes = self.processes, []
+        await asyncio.gather(*(asyncio.to_thread(p.stop) for p in procs))
