@@ -214,7 +214,8 @@ def block_causal_mask(position_ids: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _chunk_logprobs(hidden: Tensor, targets: Tensor, lm_head: nn.Module, softcap: float | None) -> Tensor:
-    logits = lm_head(hidden).float()  # [n, V]: the only full-vocabulary tensor, one chunk's worth
+    logits = lm_head(hidden)  # [n, V]: the only full-vocabulary tensor, one chunk's worth
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     picked = logits.gather(-1, targets.clamp(min=0))
@@ -228,7 +229,8 @@ def target_logprobs(hidden: Tensor, lm_head: nn.Module, targets: Tensor, *, chun
     Only rows with an active target are computed (a masked prompt costs no ``lm_head``); each
     chunk runs under checkpoint so that backward recomputes its logits.
     """
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.zeros(targets.shape, dtype=dtype, device=hidden.device)
     rows = (targets >= 0).any(-1).nonzero().squeeze(-1)
     if rows.numel() == 0:
         return out + 0.0 * hidden.sum()  # keep the graph connected; the gradient is zero
@@ -327,6 +329,7 @@ class TorchTrainerEngine(TrainerEngine):
             self.model = None
         lora_config = copy.deepcopy(lora_config)
         lora_config.base_model_name_or_path = None  # get_peft_model sets it to the resolved path
+        lora_config.inference_mode = False  # a saved adapter_config.json says True: it would freeze LoRA
         # peft creates the LoRA matrices on the CPU (then moves them), so a CPU generator seeded
         # here gives the same adapter on every device. fork_rng keeps the caller's RNG untouched.
         devices = [self.device.index or 0] if self.device.type == "cuda" else []

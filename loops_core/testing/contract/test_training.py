@@ -150,7 +150,7 @@ def test_forward_backward_custom_matches_cross_entropy(tc, pair):
 
     def nll(data, logprobs):
         loss = -sum(lp.sum() for lp in logprobs)
-        return loss, {"nll:sum": float(loss)}
+        return loss, {"nll:sum": float(loss.detach())}
 
     tc.init_trainer_server(8, seed=1234).result(timeout=600)
     out = tc.forward_backward_custom([datum], nll).result(timeout=600)
