@@ -113,9 +113,9 @@ class TensorData(Request):
         import numpy as np
 
         a = np.asarray(array)
-        if a.dtype.kind == "f":
-            dtype: str = "float32" if a.dtype.itemsize <= 4 else "float64"
-            a = a.astype(np.float32 if dtype == "float32" else np.float64)
+        if a.dtype.kind == "f":  # as in Tinker: floats travel as float32, ints as int64
+            dtype: str = "float32"
+            a = a.astype(np.float32)
         elif a.dtype.kind in "iu":
             dtype, a = "int64", a.astype(np.int64)
         elif a.dtype.kind == "b":

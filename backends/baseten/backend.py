@@ -29,7 +29,7 @@ from loops_core.checkpoints import parse_uri
 from loops_core.errors import (APIStatusError, AuthenticationError, InvalidRequestError, NotFoundError)
 from loops_core.futures import on_loop, run_sync
 from loops_core.types import Checkpoint, CheckpointDownload, CheckpointFile, CheckpointFilesResponse, ServerCapabilities
-from loops_core.wire import Endpoint
+from loops_core.wire import Endpoint, WireClient
 
 from .control_plane import (DEFAULT_BASE_URL, ENV_API_KEY, ENV_BASE_URL, ControlPlane, DeploymentFailedError,
                             RetryPolicy)
@@ -108,29 +108,42 @@ class BasetenBackend(Backend):
                 body[key] = value
         reuse = self._reuse_fields()
         run = await self._provision(body, reuse)
-        trainer = self._endpoint(run.base_url, "trainer", **{"X-Run-Id": run.id})
         try:
-            await wait_for_trainer(self.control, run, trainer, base_model, ready_timeout=ready_timeout,
-                                   poll_s=self.ready_poll_s)
+            trainer, wire = await self._wait_for_trainer(run, base_model, ready_timeout)
         except DeploymentFailedError as exc:
             if not reuse:
                 raise
             log.info("the reused trainer for run %s is %s; provisioning a fresh one", run.id, exc.status)
             run = await self._provision(body, {})
-            trainer = self._endpoint(run.base_url, "trainer", **{"X-Run-Id": run.id})
-            await wait_for_trainer(self.control, run, trainer, base_model, ready_timeout=ready_timeout,
-                                   poll_s=self.ready_poll_s)
+            trainer, wire = await self._wait_for_trainer(run, base_model, ready_timeout)
         sampler_body: dict[str, Any] = {"session_id": self._session(), "run_id": run.id}
         if self.sampler_replicas is not None:
             sampler_body["num_replicas"] = self.sampler_replicas
-        record = await self.control.create_sampler(sampler_body)
-        await wait_for_sampler(self.control, record, ready_timeout=ready_timeout, poll_s=self.ready_poll_s)
-        sampler = self._endpoint(record.base_url, "paired sampler", **{"X-Run-Id": run.id})
-        beat = Heartbeat(trainer, base_model=base_model, run_id=run.id, interval=self.heartbeat_s)
+        try:
+            record = await self.control.create_sampler(sampler_body)
+            await wait_for_sampler(self.control, record, ready_timeout=ready_timeout, poll_s=self.ready_poll_s)
+            sampler = self._endpoint(record.base_url, "paired sampler", **{"X-Run-Id": run.id})
+        except BaseException:
+            await wire.aclose()
+            raise
+        beat = Heartbeat(wire, base_model=base_model, run_id=run.id, interval=self.heartbeat_s)
         beat.start()
         self.heartbeats.append(beat)
         return TrainerHandle(trainer=trainer, sampler=sampler, run_id=run.id, base_model=run.base_model or base_model,
                              sampler_id=record.id, max_seq_len=max_seq_len)
+
+    async def _wait_for_trainer(self, run: RunRecord, base_model: str,
+                                ready_timeout: float) -> tuple[Endpoint, WireClient]:
+        """The trainer's endpoint once it is healthy, and the client that probed it (kept for the heartbeat)."""
+        trainer = self._endpoint(run.base_url, "trainer", **{"X-Run-Id": run.id})
+        wire = WireClient(trainer, timeout=30.0, ready_timeout=0.0)
+        try:
+            await wait_for_trainer(self.control, run, wire, base_model, ready_timeout=ready_timeout,
+                                   poll_s=self.ready_poll_s)
+        except BaseException:
+            await wire.aclose()
+            raise
+        return trainer, wire
 
     def _reuse_fields(self) -> dict[str, str]:
         if not self._reuse_pending:

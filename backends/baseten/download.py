@@ -18,6 +18,8 @@ from loops_core.errors import APIError, APIStatusError, InvalidRequestError
 from loops_core.types import CheckpointDownload, CheckpointFile
 from loops_core.wire import raise_for_status, translate_errors
 
+from .control_plane import ssl_context
+
 DOWNLOAD_TIMEOUT = 600.0
 
 
@@ -46,7 +48,7 @@ async def download_files(files: list[CheckpointFile], dest_dir: str | Path, *, c
     gate = asyncio.Semaphore(max(1, concurrency))
     written: list[Path] = []
 
-    async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(DOWNLOAD_TIMEOUT, connect=10.0),
+    async with httpx.AsyncClient(transport=transport, verify=ssl_context(), timeout=httpx.Timeout(DOWNLOAD_TIMEOUT, connect=10.0),
                                  follow_redirects=True) as client:
         async def one(f: CheckpointFile, path: Path) -> int:
             async with gate:

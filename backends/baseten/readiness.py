@@ -20,7 +20,7 @@ import logging
 import time
 
 from loops_core.errors import APIError, APIStatusError, APITimeoutError, AuthenticationError, InvalidRequestError
-from loops_core.wire import Endpoint, WireClient
+from loops_core.wire import WireClient
 
 from .control_plane import ControlPlane, DeploymentFailedError
 from .models import SAMPLER_READY, SAMPLER_TERMINAL, SCALED_TO_ZERO, TRAINER_TERMINAL, RunRecord, SamplerRecord
@@ -49,34 +49,31 @@ def trainer_terminal_error(status: str, run: RunRecord) -> DeploymentFailedError
     return DeploymentFailedError(msg, deployment_id=dep, status=status)
 
 
-async def wait_for_trainer(cp: ControlPlane, run: RunRecord, endpoint: Endpoint, base_model: str, *,
+async def wait_for_trainer(cp: ControlPlane, run: RunRecord, probe: WireClient, base_model: str, *,
                            ready_timeout: float, poll_s: float | None = None) -> None:
+    """Return once the trainer answers ``/health`` (``probe`` is a client on its endpoint)."""
     deadline = time.monotonic() + ready_timeout
-    probe = WireClient(endpoint, timeout=10.0, ready_timeout=0.0)
     status, last = None, "no answer yet"
-    try:
-        for attempt in itertools.count():
-            if run.deployment_id:
-                status = await cp.trainer_status(run.deployment_id)
-                if status in TRAINER_TERMINAL:
-                    raise trainer_terminal_error(status, run)
-            try:
-                await probe.request("GET", "/health", what="trainer health", params={"base_model": base_model},
-                                    retry=False, timeout=10.0)
-                return
-            except AuthenticationError:
-                raise AuthenticationError(f"the trainer for run {run.id} rejected the API key; check "
-                                          "BASETEN_API_KEY") from None
-            except InvalidRequestError:
-                raise  # a gateway rejection of the request itself: waiting will not change it
-            except APIError as exc:
-                last = cp.scrub(str(exc))
-            if time.monotonic() > deadline:
-                raise APITimeoutError(f"the trainer for run {run.id} was not ready within {ready_timeout:.0f} s "
-                                      f"(deployment status {status or 'unknown'}; last health answer: {last})")
-            await asyncio.sleep(poll_interval(attempt, poll_s))
-    finally:
-        await probe.aclose()
+    for attempt in itertools.count():
+        if run.deployment_id:
+            status = await cp.trainer_status(run.deployment_id)
+            if status in TRAINER_TERMINAL:
+                raise trainer_terminal_error(status, run)
+        try:
+            await probe.request("GET", "/health", what="trainer health", params={"base_model": base_model},
+                                retry=False, timeout=10.0)
+            return
+        except AuthenticationError:
+            raise AuthenticationError(f"the trainer for run {run.id} rejected the API key; check "
+                                      "BASETEN_API_KEY") from None
+        except InvalidRequestError:
+            raise  # a gateway rejection of the request itself: waiting will not change it
+        except APIError as exc:
+            last = cp.scrub(str(exc))
+        if time.monotonic() > deadline:
+            raise APITimeoutError(f"the trainer for run {run.id} was not ready within {ready_timeout:.0f} s "
+                                  f"(deployment status {status or 'unknown'}; last health answer: {last})")
+        await asyncio.sleep(poll_interval(attempt, poll_s))
 
 
 async def wait_for_sampler(cp: ControlPlane, sampler: SamplerRecord, *, ready_timeout: float,
@@ -119,14 +116,14 @@ async def wait_for_sampler(cp: ControlPlane, sampler: SamplerRecord, *, ready_ti
 class Heartbeat:
     """Keeps one trainer awake; start and stop it on the SDK loop."""
 
-    def __init__(self, endpoint: Endpoint, *, base_model: str, run_id: str, interval: float = HEARTBEAT_S):
+    def __init__(self, wire: WireClient, *, base_model: str, run_id: str, interval: float = HEARTBEAT_S):
         self.run_id = run_id
         self.base_model = base_model
         self.interval = interval
         self.failures = 0
         self.beats = 0
         self.gave_up = False
-        self._wire = WireClient(endpoint, timeout=30.0, ready_timeout=0.0)
+        self._wire = wire  # owned: closed by stop()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:

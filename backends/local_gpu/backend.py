@@ -8,7 +8,8 @@ SIGKILL): no orphans.
 
 Options (``ServiceClient(backend="local", sampler_engine="hf")`` or env):
 ``sampler_engine`` / ``LOOPS_SAMPLER_ENGINE``: ``auto`` (vLLM when it imports and CUDA is present,
-else HF), ``hf`` or ``vllm``. Server logs go to ``$LOOPS_HOME/logs/``.
+else HF), ``hf`` or ``vllm``; ``engine="fake"`` runs the numpy engine in the same subprocesses
+(tests of the provisioning itself). Server logs go to ``$LOOPS_HOME/logs/``.
 """
 
 from __future__ import annotations
@@ -113,12 +114,13 @@ class LocalBackend(LocalCheckpoints, Backend):
         super().__init__(config)
         self.processes: list[ServerProcess] = []
         self.sampler_engine = config.options.get("sampler_engine") or os.environ.get("LOOPS_SAMPLER_ENGINE") or "auto"
+        self.engine = config.options.get("engine", "local")
 
     async def start_session(self) -> str:
         return f"local-{uuid.uuid4().hex[:12]}"
 
     def _spawn(self, role: str, base_model: str, run_id: str, extra: list[str]) -> ServerProcess:
-        args = ["--model", base_model, "--engine", "local", "--sampler-engine", self.sampler_engine, *extra]
+        args = ["--model", base_model, "--engine", self.engine, "--sampler-engine", self.sampler_engine, *extra]
         p = ServerProcess(role, args, loops_home() / "logs" / f"{run_id}-{role}.log")
         self.processes.append(p)
         return p

@@ -437,7 +437,7 @@ class HFSamplerEngine(SamplerEngine):
         eos = set(self.eos_token_ids)
         for r in rows:
             if r.generator is None and not r.greedy and r.index >= 0:
-                g = torch.Generator(device="cpu")
+                g = torch.Generator(device=self.device)
                 g.manual_seed(r.job.seeds[r.index])
                 r.generator = g
 
@@ -569,42 +569,33 @@ class HFSamplerEngine(SamplerEngine):
         tok = logits.argmax(dim=-1)
         # Rows that draw at random (top_k == 1 is the argmax whatever the temperature).
         samp = [j for j, r in enumerate(rows) if not r.greedy and r.top_k != 1 and not r.done]
-        # One uniform per sampling row and step, from the row's own generator.
-        u_all = {j: float(torch.rand((), generator=rows[j].generator)) for j in samp}
-        # How a row is drawn depends on its own settings only, never on the rest of the batch:
-        # rows without top-k/top-p walk the vocabulary in id order, the others the stably
-        # sorted (descending) probabilities, truncated.
-        filt = [j for j in samp if 0 < rows[j].top_k < V or rows[j].top_p < 1.0]
-        plain = [j for j in samp if j not in set(filt)]
-        if plain:
-            u = torch.tensor([u_all[j] for j in plain], dtype=torch.float32).to(dev)
-            chosen = self._inverse_cdf(logp[plain].exp(), u)[:, 0]
-            tok[torch.tensor(plain, dtype=torch.long, device=dev)] = chosen
-        if filt:
-            u = torch.tensor([u_all[j] for j in filt], dtype=torch.float32).to(dev)
-            ks = torch.tensor([rows[j].top_k if 0 < rows[j].top_k < V else V for j in filt],
-                              device=dev)
-            ps = torch.tensor([rows[j].top_p for j in filt], dtype=torch.float32, device=dev)
-            sp, si = torch.sort(logp[filt].exp(), dim=-1, descending=True, stable=True)
-            keep = torch.arange(V, device=dev)[None, :] < ks[:, None]
-            before = sp.cumsum(-1) - sp  # probability mass of the better tokens
-            keep &= before < ps[:, None]
-            keep[:, 0] = True
-            chosen = si.gather(1, self._inverse_cdf(sp * keep, u))[:, 0]
-            tok[torch.tensor(filt, dtype=torch.long, device=dev)] = chosen
+        if samp:
+            probs = logp[samp].exp()
+            # top-k / top-p: zero the tokens outside the kept set (rank order: stable sort).
+            filt = [i for i, j in enumerate(samp) if 0 < rows[j].top_k < V or rows[j].top_p < 1.0]
+            if filt:
+                fi = torch.tensor(filt, dtype=torch.long, device=dev)
+                ks = torch.tensor([rows[samp[i]].top_k if 0 < rows[samp[i]].top_k < V else V
+                                   for i in filt], device=dev)
+                ps = torch.tensor([rows[samp[i]].top_p for i in filt], dtype=torch.float32,
+                                  device=dev)
+                sp, si = torch.sort(probs[fi], dim=-1, descending=True, stable=True)
+                keep = torch.arange(V, device=dev)[None, :] < ks[:, None]
+                keep &= (sp.cumsum(-1) - sp) < ps[:, None]  # mass of the better tokens < p
+                keep[:, 0] = True
+                keep_v = torch.zeros_like(keep).scatter_(1, si, keep)
+                probs[fi] = probs[fi] * keep_v
+            # Gumbel-max in its exponential form: argmax(p / E), E ~ Exp(1) drawn over the whole
+            # vocabulary from the row's own generator, so a row's draw depends on its own
+            # probabilities and seed only, and a small perturbation of the logits rarely
+            # changes the winner.
+            q = torch.empty_like(probs)
+            for i, j in enumerate(samp):
+                q[i].exponential_(generator=rows[j].generator)
+            chosen = (probs / q.clamp_(min=1e-30)).argmax(dim=-1)
+            tok[torch.tensor(samp, dtype=torch.long, device=dev)] = chosen
         lp = logp.gather(1, tok[:, None])[:, 0]
         return tok.tolist(), lp.tolist()
-
-    @staticmethod
-    def _inverse_cdf(probs, u):
-        """Index [B, 1] of the token that uniform ``u`` [B] lands on in unnormalised ``probs``."""
-        import torch
-
-        cdf = probs.cumsum(dim=-1)
-        total = cdf[:, -1:]
-        target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-        idx = torch.searchsorted(cdf, target, right=True)
-        return idx.clamp_(max=probs.shape[-1] - 1)
 
     def _check_stop(self, r: _Row, t: int, eos: set[int]) -> None:
         req = r.job.req

@@ -204,7 +204,10 @@ class SamplerServer:
                                "usage": {"prompt_tokens": len(gen.prompt),
                                          "completion_tokens": sum(len(s.tokens) for s in result.sequences)}}
         if gen.prompt_logprobs is not None:
-            out["prompt_logprobs"] = _vllm_prompt_logprobs(gen.prompt, result.prompt_logprobs, result.prompt_topk)
+            plp = _vllm_prompt_logprobs(gen.prompt, result.prompt_logprobs, result.prompt_topk)
+            out["prompt_logprobs"] = plp
+            for c in choices:  # vLLM repeats them on every choice; the published client reads them there
+                c["prompt_logprobs"], c["prompt_token_ids"] = plp, gen.prompt
         return JSONResponse(out, headers={"x-trainers-policy-version": str(served)})
 
     def _parse(self, body: dict[str, Any]) -> GenerationRequest:

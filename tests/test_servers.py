@@ -1,0 +1,206 @@
+"""The trainer and sampler servers over real HTTP and in-process: protocol details, ordering,
+shutdown, version gating, auth, and binding with ServiceClient.local."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from loops_backends.fake.backend import fake_pair
+from loops_core import AdamParams, InvalidRequestError, ModelInput, SamplingParams, ServerShutdownError, ServiceClient
+from loops_core.errors import AuthenticationError
+from loops_core.testing.contract.data import france, sft_datum
+
+
+def _client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def test_submit_poll_idempotency_and_long_poll_408():
+    trainer, _ = fake_pair("m", rank=4, poll_hold=0.05)
+
+    async def main():
+        async with _client(trainer.app) as c:
+            r = await c.post("/init_trainer_server", json={"lora_rank": 4, "seq_id": 1},
+                             headers={"Idempotency-Key": "k1"})
+            assert r.status_code == 202 and r.json() == {"operation_id": "k1", "schema_version": 1}
+            again = await c.post("/init_trainer_server", json={"lora_rank": 4, "seq_id": 1},
+                                 headers={"Idempotency-Key": "k1"})
+            assert again.json()["operation_id"] == "k1"
+            done = await c.get("/operations/k1")
+            assert done.status_code == 200 and done.json()["status"] == "done"
+            assert done.json()["result"] == {"step": 0, "lora_rank": 4}
+            # a slow operation: the poll holds, then answers 408 so the client re-polls
+            trainer.engine.optim_step = _slow(trainer.engine.optim_step, 0.5)
+            r = await c.post("/optim_step", json={"adam_params": {}, "seq_id": 2})
+            op = r.json()["operation_id"]
+            assert (await c.get(f"/operations/{op}")).status_code == 408
+            await asyncio.sleep(0.6)
+            assert (await c.get(f"/operations/{op}")).json()["status"] == "done"
+            assert (await c.get("/operations/unknown")).status_code == 404
+
+    asyncio.run(main())
+
+
+def _slow(fn, seconds):
+    def wrapped(*a, **kw):
+        time.sleep(seconds)
+        return fn(*a, **kw)
+
+    return wrapped
+
+
+def test_operations_run_in_seq_id_order_even_when_they_arrive_out_of_order():
+    trainer, _ = fake_pair("m", rank=4)
+    order = []
+    orig = trainer.engine.init_lora
+
+    def record(rank, seed):
+        order.append(rank)
+        return orig(rank, seed)
+
+    trainer.engine.init_lora = record
+
+    async def main():
+        async with _client(trainer.app) as c:
+            await c.post("/init_trainer_server", json={"lora_rank": 1, "seq_id": 1})
+            await asyncio.sleep(0.1)
+            ids = []
+            for seq in (4, 3, 2):  # arrive backwards
+                r = await c.post("/init_trainer_server", json={"lora_rank": seq, "seq_id": seq})
+                ids.append(r.json()["operation_id"])
+            for op in ids:
+                assert (await c.get(f"/operations/{op}")).json()["status"] == "done"
+
+    asyncio.run(main())
+    assert order == [1, 2, 3, 4]
+
+
+def test_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving():
+    trainer, _ = fake_pair("m", rank=4)
+
+    async def main():
+        async with _client(trainer.app) as c:
+            bad = await c.post("/forward_backward", content=b"{not json")
+            assert bad.status_code == 400 and bad.json()["error"]["field"] == "body"
+            bad = await c.post("/forward_backward", json={"data": [{"model_input": {"chunks": []}}], "loss_fn": "x"})
+            assert bad.status_code == 400 and bad.json()["error"]["field"] == "loss_fn"
+            bad = await c.post("/optim_step", json={"adam_params": {"beta1": 2.0}})
+            assert bad.status_code == 400 and "beta1" in bad.json()["error"]["field"]
+            ok = await c.get("/health")
+            assert ok.status_code == 200
+
+    asyncio.run(main())
+
+
+def test_shutdown_answers_503_and_the_client_raises_server_shutdown():
+    trainer, _ = fake_pair("m", rank=4)
+    trainer.shutting_down = True
+
+    async def main():
+        async with _client(trainer.app) as c:
+            return (await c.post("/optim_step", json={"adam_params": {}})).status_code
+
+    assert asyncio.run(main()) == 503
+    from loops_core.futures import run_sync
+    from loops_core.wire import Endpoint, WireClient
+
+    wire = WireClient(Endpoint(url="http://t", transport=httpx.ASGITransport(app=trainer.app)))
+    with pytest.raises(ServerShutdownError):
+        run_sync(wire.submit("/optim_step", {"adam_params": {}}, what="optim_step"))
+
+
+def test_sampler_version_gate_and_exact_pins():
+    trainer, sampler = fake_pair("m", rank=4)
+    tok = list(b"abc")
+
+    async def main():
+        async with _client(trainer.app) as t, _client(sampler.app) as s:
+            body = {"prompt": tok, "max_tokens": 2, "temperature": 0}
+            base = await s.post("/sample", json=body)
+            assert base.headers["x-trainers-policy-version"] == "0"
+            gated = await s.post("/sample", json=body, headers={"X-Min-Policy-Version": "1"})
+            assert gated.status_code == 408
+            await t.post("/init_trainer_server", json={"lora_rank": 4})
+            for v in (1, 2):
+                r = await t.post("/save_weights_for_sampler", json={"name": f"v{v}"})
+                assert (await t.get(f"/operations/{r.json()['operation_id']}")).json()["result"]["version"] == v
+            live = await s.post("/sample", json=body, headers={"X-Min-Policy-Version": "1"})
+            assert live.headers["x-trainers-policy-version"] == "2"
+            pinned = await s.post("/sample", json=body, headers={"X-Policy-Version": "1"})
+            assert pinned.headers["x-trainers-policy-version"] == "1"
+            models = (await s.get("/v1/models")).json()["data"]
+            assert models[0]["parent"] is None and models[1]["id"] == "v2" and models[1]["parent"] == "m"
+            assert (await s.get("/trainers_policy_version")).json() == {"policy_version": 2}
+            # a dropped version is gone for good: 410, not silently another version
+            sampler.keep_versions, sampler.idle_unload_s = 1, 0.0
+            r = await t.post("/save_weights_for_sampler", json={"name": "v3"})
+            await t.get(f"/operations/{r.json()['operation_id']}")
+            assert (await s.post("/sample", json=body, headers={"X-Policy-Version": "1"})).status_code == 410
+
+    asyncio.run(main())
+
+
+def test_api_key_required_off_loopback_and_enforced():
+    r = subprocess.run([sys.executable, "-m", "loops_core.cli", "serve", "--model", "m", "--engine", "fake",
+                        "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "LOOPS_API_KEY": ""})
+    assert r.returncode != 0 and "API key" in (r.stderr + r.stdout)
+    from loops_core.server.sampler import SamplerServer
+    from loops_backends.fake.engine import FakeSamplerEngine
+
+    app = SamplerServer(FakeSamplerEngine("m"), api_key="s3cret").app
+
+    async def main():
+        async with _client(app) as c:
+            assert (await c.get("/health")).status_code == 200
+            assert (await c.get("/v1/models")).status_code == 401
+            ok = await c.get("/v1/models", headers={"Authorization": "Api-Key s3cret"})
+            assert ok.status_code == 200
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def served():
+    """``loops serve --engine fake`` on real loopback sockets."""
+    proc = subprocess.Popen([sys.executable, "-m", "loops_core.cli", "serve", "--model", "fake-model", "--engine",
+                             "fake", "--trainer-port", "0", "--sampler-port", "0", "--api-key", "k"],
+                            stdout=subprocess.PIPE, text=True)
+    urls = json.loads(proc.stdout.readline())["urls"]
+    yield urls
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_service_client_local_binds_to_loops_serve(served):
+    with pytest.raises(AuthenticationError):
+        ServiceClient.local(trainer_url=served["trainer"], sampler_url=served["sampler"]).create_lora_training_client(
+            "fake-model", rank=4)
+    service = ServiceClient.local(trainer_url=served["trainer"], sampler_url=served["sampler"], api_key="k")
+    assert service.session_id == "local"
+    tc = service.create_lora_training_client("fake-model", rank=4, seed=0)
+    datum = sft_datum(*france(tc.get_tokenizer()))
+    losses = []
+    for _ in range(5):
+        losses.append(tc.forward_backward([datum]).result(timeout=60).loss)
+        tc.optim_step(AdamParams(learning_rate=5e-2)).result(timeout=60)
+    assert losses[-1] < losses[0]
+    sc = tc.save_weights_and_get_sampling_client("served").result(timeout=60)
+    out = sc.sample(ModelInput.from_ints([1, 2, 3]), 1, SamplingParams(max_tokens=3, temperature=0))
+    assert out.policy_version == 1
+    saved = tc.save_state("served-state").result(timeout=60)
+    assert any(c.path == saved.path for c in service.list_checkpoints(tc.run_id))
+    ckpt = next(c for c in tc.list_checkpoints() if c.path == saved.path)
+    files = service.get_checkpoint_archive_url(ckpt.id)
+    assert files.total_count > 0 and files.presigned_urls[0].url.startswith("file://")
+    with pytest.raises(InvalidRequestError):
+        tc.forward_backward([]).result()
+    service.close()
