@@ -24,18 +24,45 @@ dpo                  datums are pairs (chosen at even, rejected at odd      beta
                      index). s = sum_t w_t lp_t, s_ref = sum_t w_t ref_t;   label_smoothing 0.0
                      m = beta*((s_c - s_c,ref) - (s_r - s_r,ref));
                      loss = sum_pairs -(1-ls) log sig(m) - ls log sig(-m)
+gspo                 per datum, M_t = sequence_ratio_mask_t (default 1)     clip_low_threshold
+                     on active positions, n = sum_t M_t,                    0.9997,
+                     s = exp(sum_t M_t (lp_t - q_t) / n) (geometric mean    clip_high_threshold
+                     of the token ratios; s = 1 when n = 0);                1.0004
+                     loss = sum_t -w_t min(s A_t, clip(s, lo, hi) A_t)
+stable_reinforce     sum_t w_t (-sg(r_t) A_t lp_t                           kl_coeff 0.01
+                                + kl_coeff (r_t - 1 - log r_t));
+                     every datum needs provenance spans (with_provenance)
 ==================== ====================================================== ====================
 
-For importance_sampling, ppo, cispo and dro an optional ``weights`` input multiplies each
-position's term (default 1). ``dro`` follows the quadratic-penalty form of Tinker's docs; the exact published definition is not
+For importance_sampling, ppo, cispo, dro, gspo and stable_reinforce an optional ``weights`` input
+multiplies each position's term (default 1). ``dro`` follows the quadratic-penalty form of Tinker's docs; the exact published definition is not
 available offline, so treat it as this project's definition. Per-token ``clip_low_threshold`` /
 ``clip_high_threshold`` inputs, when given, override the config for ppo and cispo.
+
+``gspo`` is Group Sequence Policy Optimization (Zheng et al., 2025, arXiv:2507.18071): PPO's
+clipped objective with one importance ratio per sequence, the length-normalised (geometric mean)
+token ratio over the positions ``sequence_ratio_mask`` marks (pass it: prompt positions, whose
+``logprobs`` are 0, must not enter the ratio). The defaults are the paper's clip range (3e-4 below,
+4e-4 above 1). Each position's term uses its own ``A_t`` (the paper's sequence advantage, when
+``A_t`` is constant over the completion) and terms are summed like every loss here, instead of
+the paper's mean over the group; the gradient flows through ``s`` to every masked position.
+
+``stable_reinforce`` is this project's reading of Tinker's alpha loss, whose formula is not
+published: REINFORCE with the detached importance weight ``r_t`` (its gradient equals
+importance_sampling's, ``-r_t A_t``), plus ``kl_coeff`` times the k3 estimate
+``r - 1 - log r`` of KL(sampler || trainer) on the sampled tokens (gradient
+``kl_coeff (r_t - 1)``). Like Tinker it requires provenance spans on every datum; loops servers
+check that they tile the datum but do not look the sequences up (there is no server-side
+sampling record): the ``logprobs`` input is the sampler's logprob.
 
 Outputs (every loss): per datum ``{"logprobs": TensorData float32 shaped like target_tokens}``.
 Metrics: ``loss:sum``, ``num_tokens:sum`` (active target entries: positions, or (t, k) entries
 for [T, K] targets); ppo and cispo add ``clip_fraction:mean`` (share of active tokens with
 r < lo or r > hi); importance_sampling/ppo/cispo/dro add ``ratio:mean`` (mean r over active
-tokens); dpo adds ``accuracy:mean`` (share of pairs with m > 0) and ``margin:mean`` (mean m).
+tokens); dpo adds ``accuracy:mean`` (share of pairs with m > 0) and ``margin:mean`` (mean m);
+gspo adds ``ratio:mean`` (mean s over datums with n > 0) and ``clip_fraction:mean`` (share of those
+datums with s < lo or s > hi); stable_reinforce adds ``ratio:mean`` and ``sampler_kl:mean`` (mean
+of r - 1 - log r over active tokens).
 A mean over nothing is 0.0. If the config sets ``skip_token_normalization`` the metric
 ``skip_token_normalization`` = 1.0 is echoed (the published client's custom-loss path checks it;
 our losses are never normalised).
@@ -57,6 +84,7 @@ class LossSpec:
     optional: tuple[str, ...] = ()
     config: Mapping[str, float] = field(default_factory=dict)
     paired: bool = False  # dpo: datums come in (chosen, rejected) pairs
+    needs_provenance: bool = False  # stable_reinforce: every datum carries provenance spans
 
 
 _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
@@ -74,12 +102,15 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("dro", _RL_INPUTS, ("weights",), {"beta": 0.05}),
         LossSpec("dpo", ("target_tokens", "ref_logprobs"), ("weights",),
                  {"beta": 0.1, "label_smoothing": 0.0}, paired=True),
+        LossSpec("gspo", _RL_INPUTS, ("weights", "sequence_ratio_mask"),
+                 {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4}),
+        LossSpec("stable_reinforce", _RL_INPUTS, ("weights",), {"kl_coeff": 0.01}, needs_provenance=True),
     ]
 }
 
 # Config keys accepted by every loss (the published client's custom-loss path sends this one).
 COMMON_CONFIG = {"skip_token_normalization": 0.0}
-FLOAT_KEYS = {"weights", "logprobs", "advantages", "ref_logprobs", *_CLIP_INPUTS}
+FLOAT_KEYS = {"weights", "logprobs", "advantages", "ref_logprobs", "sequence_ratio_mask", *_CLIP_INPUTS}
 
 
 def resolve_config(loss_fn: str, config: Mapping[str, Any] | None) -> dict[str, float]:
@@ -144,6 +175,13 @@ def _validate_datum(i: int, d: Datum, spec: LossSpec, vocab_size: int | None,
                     raise InvalidRequestError(
                         f"{where}.model_input holds token id {t}, outside the vocabulary [0, {vocab_size})",
                         field=f"{where}.model_input")
+    if spec.needs_provenance and d.model_input_spans is None:
+        raise InvalidRequestError(
+            f"{where} has no provenance spans, which {spec.name} needs: sample with "
+            "record_stability_info=True and attach spans with datum.with_provenance(model_input=[...], "
+            "loss_fn_inputs=[...]) naming each sampled sequence_id", field=f"{where}.model_input_spans")
+    if d.model_input_spans is not None:
+        _check_spans(where, "model_input_spans", d.model_input_spans, n)
     inputs = d.loss_fn_inputs
     for key in spec.required:
         if key not in inputs:
@@ -157,6 +195,8 @@ def _validate_datum(i: int, d: Datum, spec: LossSpec, vocab_size: int | None,
                 f"(accepted: {list(spec.required + spec.optional)})", field=f"{where}.loss_fn_inputs.{key}")
     target = inputs["target_tokens"]
     _check_td(where, "target_tokens", target, n, ints=True)
+    if d.loss_fn_input_spans is not None and len(target.shape or []) == 1:
+        _check_spans(where, "loss_fn_input_spans", d.loss_fn_input_spans, target.shape[0])
     if len(target.shape or []) not in (1, 2) or (len(target.shape) == 2 and spec.name != "cross_entropy"):
         raise InvalidRequestError(
             f"{where}.loss_fn_inputs['target_tokens'] has shape {target.shape}; expected [{n}]"
@@ -181,6 +221,13 @@ def _validate_datum(i: int, d: Datum, spec: LossSpec, vocab_size: int | None,
             raise InvalidRequestError(
                 f"{where}.loss_fn_inputs[{key!r}] has shape {td.shape}; expected [{n}] (one value per "
                 "input position)", field=f"{where}.loss_fn_inputs.{key}")
+
+
+def _check_spans(where: str, name: str, spans: list[Any], n: int) -> None:
+    total = sum(s.length for s in spans)
+    if total != n:
+        raise InvalidRequestError(f"{where}.{name} cover {total} positions but the datum has {n}; the spans "
+                                  "must tile it exactly", field=f"{where}.{name}")
 
 
 def _check_td(where: str, key: str, td: TensorData, n: int, *, ints: bool) -> None:

@@ -8,7 +8,9 @@ Two bases, split by direction:
   newer server.
 
 ``TensorData`` is a flat list plus a dtype and a shape. It checks that the data fits the shape and
-the dtype, and converts to and from numpy and torch (torch is imported only when asked for).
+the dtype, and converts to and from numpy and torch (torch is imported only when asked for). A 2-D
+tensor may travel in sparse CSR form (Tinker's ``sparse_crow_indices`` / ``sparse_col_indices``);
+every reader densifies it with ``to_numpy(pad_value)``, so engines never see the difference.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import base64
 import math
 from typing import TYPE_CHECKING, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer,
+                      model_validator)
 from typing_extensions import Annotated
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,20 +67,38 @@ class TensorData(Request):
 
     ``shape`` may be omitted for 1-D data. NaN travels as JSON ``null`` (masked positions in
     ``logprobs`` outputs are NaN).
+
+    Sparse CSR form (2-D only, as in Tinker): ``data`` holds the listed values row by row,
+    ``sparse_crow_indices`` the row pointers (rows + 1) and ``sparse_col_indices`` one column per
+    value; every other cell is the ``pad_value`` given to ``to_numpy`` / ``to_torch`` / ``tolist``.
     """
 
     data: list[Any]
     dtype: DType
     shape: list[int] | None = None
+    sparse_crow_indices: list[int] | None = None
+    sparse_col_indices: list[int] | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _from_array(cls, v: Any) -> Any:
+        # A numpy array (as Tinker accepts) is taken as its flat values.
+        if not isinstance(v, (list, tuple)) and hasattr(v, "reshape") and hasattr(v, "tolist"):
+            return v.reshape(-1).tolist()
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "TensorData":
         if self.shape is None:
+            if self.sparse_crow_indices is not None:
+                raise ValueError("TensorData in sparse CSR form needs the dense shape")
             object.__setattr__(self, "shape", [len(self.data)])
         if any(d < 0 for d in self.shape):
             raise ValueError(f"TensorData.shape has a negative dimension: {self.shape}")
         n = math.prod(self.shape)
-        if n != len(self.data):
+        if self.sparse_crow_indices is not None or self.sparse_col_indices is not None:
+            self._check_csr()
+        elif n != len(self.data):
             raise ValueError(
                 f"TensorData.data has {len(self.data)} values but shape {self.shape} needs {n}; "
                 "pass flat data whose length is the product of the shape"
@@ -96,11 +117,36 @@ class TensorData(Request):
                     raise ValueError(f"TensorData.data holds {v!r}, which is not a number")
         return self
 
+    def _check_csr(self) -> None:
+        crow, col, shape = self.sparse_crow_indices, self.sparse_col_indices, self.shape
+        if crow is None or col is None:
+            raise ValueError("TensorData: sparse_crow_indices and sparse_col_indices come together")
+        if len(shape) != 2:
+            raise ValueError(f"TensorData: the sparse CSR form is 2-D only, got shape {shape}")
+        rows, cols = shape
+        if len(crow) != rows + 1 or crow[0] != 0 or any(b < a for a, b in zip(crow, crow[1:])):
+            raise ValueError(f"TensorData.sparse_crow_indices must be {rows + 1} non-decreasing row "
+                             "pointers starting at 0")
+        if not crow[-1] == len(col) == len(self.data):
+            raise ValueError(f"TensorData CSR: {len(self.data)} values, {len(col)} column indices and a last "
+                             f"row pointer of {crow[-1]} must all agree")
+        if any(not 0 <= c < cols for c in col):
+            raise ValueError(f"TensorData.sparse_col_indices must lie in [0, {cols})")
+
     @field_serializer("data")
     def _ser_data(self, data: list[Any]) -> list[Any]:
         if self.dtype in _FLOAT_DTYPES:
             return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else v for v in data]
         return data
+
+    @model_serializer(mode="wrap")
+    def _ser(self, handler: Any) -> dict[str, Any]:
+        # Dense tensors keep the plain {data, dtype, shape} wire shape.
+        out = handler(self)
+        if self.sparse_crow_indices is None:
+            out.pop("sparse_crow_indices", None)
+            out.pop("sparse_col_indices", None)
+        return out
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
@@ -138,8 +184,28 @@ class TensorData(Request):
             data = t.reshape(-1).tolist()
         return cls(data=data, dtype=name, shape=list(t.shape))  # type: ignore[arg-type]
 
+    @classmethod
+    def from_torch_sparse(cls, tensor: "torch.Tensor", pad_value: int = 0) -> "TensorData":
+        """A 2-D tensor in CSR form, leaving out cells equal to ``pad_value``; dense when CSR
+        would not be smaller (``rows + 1 + 2 * nnz >= rows * cols``) or the tensor is not 2-D."""
+        import numpy as np
+
+        pad_value = _check_pad(pad_value)
+        dense = cls.from_torch(tensor)
+        if len(dense.shape) != 2:
+            return dense
+        a = dense.to_numpy()
+        keep = a != pad_value
+        rows, cols = a.shape
+        if rows + 1 + 2 * int(keep.sum()) >= rows * cols:
+            return dense
+        crow = [0, *np.cumsum(keep.sum(axis=1)).tolist()]
+        return cls(data=a[keep].tolist(), dtype=dense.dtype, shape=[rows, cols],
+                   sparse_crow_indices=crow, sparse_col_indices=np.nonzero(keep)[1].tolist())
+
     # ---- conversions ----------------------------------------------------------------------
-    def to_numpy(self) -> "np.ndarray":
+    def to_numpy(self, pad_value: int = 0) -> "np.ndarray":
+        """The tensor as numpy; a CSR tensor is densified with ``pad_value`` in unlisted cells."""
         import numpy as np
 
         np_dtype = {"bfloat16": "float32"}.get(self.dtype, self.dtype)
@@ -147,16 +213,30 @@ class TensorData(Request):
             flat = [math.nan if v is None else v for v in self.data]
         else:
             flat = self.data
-        return np.asarray(flat, dtype=np_dtype).reshape(self.shape)
+        values = np.asarray(flat, dtype=np_dtype)
+        if self.sparse_crow_indices is None:
+            return values.reshape(self.shape)
+        out = np.full(self.shape, _check_pad(pad_value), dtype=np_dtype)
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.sparse_crow_indices))
+        out[rows, np.asarray(self.sparse_col_indices, dtype=np.int64)] = values
+        return out
 
-    def to_torch(self) -> "torch.Tensor":
+    def to_torch(self, pad_value: int = 0) -> "torch.Tensor":
         import torch
 
-        return torch.from_numpy(self.to_numpy().copy()).to(getattr(torch, self.dtype))
+        return torch.from_numpy(self.to_numpy(pad_value).copy()).to(getattr(torch, self.dtype))
 
-    def tolist(self) -> list[Any]:
+    def tolist(self, pad_value: int = 0) -> list[Any]:
         """The data nested to ``shape`` (NaN for nulls in float tensors)."""
-        return self.to_numpy().tolist()
+        return self.to_numpy(pad_value).tolist()
+
+
+def _check_pad(pad_value: Any) -> int:
+    import numpy as np
+
+    if isinstance(pad_value, bool) or not isinstance(pad_value, (int, np.integer)):
+        raise TypeError(f"pad_value must be an integer, got {pad_value!r}")
+    return int(pad_value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +324,8 @@ class ModelInput(Request):
 # Training inputs and configuration
 # --------------------------------------------------------------------------------------------
 
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "dpo"]
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "dpo", "gspo",
+                     "stable_reinforce"]
 
 # The dtype a plain list gets when a Datum is built from it, by key name (as in Tinker).
 KEY_DTYPES: dict[str, DType] = {
@@ -280,17 +361,45 @@ def to_tensor_data(key: str, value: Any) -> TensorData:
     raise ValueError(f"loss_fn_inputs[{key!r}] has unsupported type {type(value).__name__}")
 
 
+class PromptProvenanceSpan(Request):
+    """Datum positions that were positions ``[offset, offset + length)`` of the prompt of the
+    sample request that returned ``sequence_id``."""
+
+    type: Literal["prompt"] = "prompt"
+    sequence_id: str = Field(min_length=1)
+    offset: int = Field(default=0, ge=0)
+    length: int = Field(ge=0)
+
+
+class SampledProvenanceSpan(Request):
+    """Datum positions that were tokens ``[offset, offset + length)`` sampled as ``sequence_id``."""
+
+    type: Literal["sampled"] = "sampled"
+    sequence_id: str = Field(min_length=1)
+    offset: int = Field(default=0, ge=0)
+    length: int = Field(ge=0)
+
+
+ProvenanceSpan = Annotated[Union[PromptProvenanceSpan, SampledProvenanceSpan], Field(discriminator="type")]
+
+
 class Datum(Request):
     """One training example: a ModelInput and its per-position loss inputs.
 
     ``loss_fn_inputs[k]`` has one entry per input position: ``target_tokens[i]`` is the label for
     the prediction made at position ``i``. Values may be TensorData, torch tensors, numpy arrays or
     plain lists (whose dtype comes from the key name).
+
+    Provenance (needed by ``stable_reinforce``): ``model_input_spans`` tile the input tokens and
+    ``loss_fn_input_spans`` tile ``target_tokens``, run by run, naming the sampled sequences they
+    came from. Attach both with ``with_provenance``.
     """
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
     routed_experts_ref: Any = None  # sent by the published client; unused here
+    model_input_spans: list[ProvenanceSpan] | None = None
+    loss_fn_input_spans: list[ProvenanceSpan] | None = None
 
     @field_validator("loss_fn_inputs", mode="before")
     @classmethod
@@ -298,6 +407,39 @@ class Datum(Request):
         if isinstance(v, dict):
             return {k: to_tensor_data(k, x) for k, x in v.items()}
         return v
+
+    @model_validator(mode="after")
+    def _check_spans(self) -> "Datum":
+        if (self.model_input_spans is None) != (self.loss_fn_input_spans is None):
+            raise ValueError("Datum provenance comes as a pair: set model_input_spans and loss_fn_input_spans "
+                             "together (Datum.with_provenance does)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _ser(self, handler: Any) -> dict[str, Any]:
+        # A datum without provenance keeps the wire shape it always had.
+        out = handler(self)
+        if self.model_input_spans is None:
+            out.pop("model_input_spans", None)
+            out.pop("loss_fn_input_spans", None)
+        return out
+
+    def with_provenance(self, model_input: list[Any], loss_fn_inputs: list[Any]) -> "Datum":
+        """A copy carrying provenance: ``model_input`` spans tile the input tokens,
+        ``loss_fn_inputs`` spans tile ``target_tokens``. Miscounted spans fail here."""
+        _check_tiling("model_input", model_input, self.model_input.length)
+        target = self.loss_fn_inputs.get("target_tokens")
+        if target is not None and target.shape and len(target.shape) == 1:
+            _check_tiling("loss_fn_inputs", loss_fn_inputs, target.shape[0])
+        return type(self).model_validate({**dict(self), "model_input_spans": list(model_input),
+                                     "loss_fn_input_spans": list(loss_fn_inputs)})
+
+
+def _check_tiling(name: str, spans: list[Any], length: int) -> None:
+    total = sum(getattr(s, "length", 0) for s in spans)
+    if total != length:
+        raise ValueError(f"with_provenance: the {name} spans cover {total} positions but the field has "
+                         f"{length}; the runs must tile it exactly")
 
 
 class AdamParams(Request):
@@ -476,7 +618,8 @@ __all__ = [
     "AdamParams", "Checkpoint", "CheckpointDownload", "CheckpointFile", "CheckpointFilesResponse",
     "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse", "ImageChunk",
     "InitTrainerServerResponse", "KEY_DTYPES", "LoadWeightsResponse", "LoraAdapterConfig", "LoraConfig",
-    "LossFnType", "ModelData", "ModelInput", "ModelInputChunk", "OptimStepResponse", "Request",
+    "LossFnType", "ModelData", "ModelInput", "ModelInputChunk", "OptimStepResponse", "PromptProvenanceSpan",
+    "ProvenanceSpan", "Request", "SampledProvenanceSpan",
     "Response", "SampleResponse", "SampleResult", "SampledSequence", "SamplingParams",
     "SaveWeightsForSamplerResponse", "SaveWeightsResponse", "ServerCapabilities", "StopReason",
     "SupportedModel", "TensorData", "WandbConfig", "to_tensor_data",

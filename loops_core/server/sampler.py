@@ -39,6 +39,7 @@ from starlette.routing import Route
 from ..checkpoints import CheckpointStore
 from ..engine import GenerationRequest, SamplerEngine
 from ..errors import InvalidRequestError
+from .stats import stats_route
 from .http import ApiKeyMiddleware, error_response, guarded, json_body
 
 DEFAULT_MAX_TOKENS = 16  # as vLLM's completions endpoint
@@ -76,6 +77,7 @@ class SamplerServer:
             Route("/trainers_policy_version", self._version, methods=["GET"]),
             Route("/policy_version", self._version, methods=["GET"]),
             Route("/health", self._health, methods=["GET"]),
+            Route("/stats", stats_route, methods=["GET"]),
         ]
         self.app = ApiKeyMiddleware(Starlette(routes=routes), api_key)
 

@@ -37,6 +37,7 @@ from ..engine import TrainerEngine
 from ..errors import InvalidRequestError
 from ..losses import validate_batch
 from ..types import AdamParams, Datum
+from .stats import stats_route
 from .http import ApiKeyMiddleware, error_response, guarded, json_body, pydantic_message
 from .operations import OperationQueue
 
@@ -82,6 +83,7 @@ class TrainerServer:
             Route("/get_info", self._get_info, methods=["GET", "POST"]),
             Route("/checkpoints", self._checkpoints, methods=["GET"]),
             Route("/checkpoint_files", self._checkpoint_files, methods=["GET"]),
+            Route("/stats", stats_route, methods=["GET"]),
         ]
         self.app = ApiKeyMiddleware(Starlette(routes=routes), api_key)
 
