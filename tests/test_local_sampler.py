@@ -451,6 +451,41 @@ def test_adapters_hot_swap_pin_mix_and_unload(engine, tok, ref, adapter_dirs, re
     assert engine.loaded_versions == []
 
 
+def test_peft_mixed_batch_path_and_strict_seeds(tok, adapter_dirs, ref_adapters, ref):
+    """peft's own ``adapter_names`` path (lora_fast_path=False) gives the same answers, and
+    ``strict_seeds`` runs seeded requests in batches of their own."""
+    from loops_backends.local_gpu.sampler_hf import HFSamplerEngine
+
+    p = _enc(tok, PROMPTS[1])
+    greedy = dict(prompt=p, max_tokens=6, temperature=0.0, stop_at_eos=False)
+
+    async def go():
+        eng = HFSamplerEngine("loops/tiny-qwen3", device=DEVICE, dtype=DTYPE, batch_wait_ms=30,
+                              lora_fast_path=False, strict_seeds=True)
+        try:
+            await eng.load_adapter(1, adapter_dirs[1])
+            await eng.load_adapter(2, adapter_dirs[2])
+            assert not eng._fast
+            before = eng.num_batches
+            outs = await asyncio.gather(
+                eng.generate(GenerationRequest(**greedy, adapter=1)),
+                eng.generate(GenerationRequest(**greedy, adapter=2)),
+                eng.generate(GenerationRequest(**greedy)),
+                eng.generate(GenerationRequest(prompt=p, n=2, max_tokens=4, seed=3)),
+                eng.generate(GenerationRequest(prompt=p, max_tokens=4, seed=4)))
+            n_batches = eng.num_batches - before
+            return outs, n_batches
+        finally:
+            await eng.aclose()
+
+    (m1, m2, mb, s3, s4), n_batches = run(go())
+    assert n_batches == 3  # the three unseeded requests together, each seeded one alone
+    _check_against(ref_adapters[1], p, m1.sequences[0], greedy=True)
+    _check_against(ref_adapters[2], p, m2.sequences[0], greedy=True)
+    _check_against(ref, p, mb.sequences[0], greedy=True)
+    _check_against(ref, p, s3.sequences[1], temperature=1.0)
+
+
 def test_cancelled_request_does_not_disturb_others(engine, tok):
     p = _enc(tok, PROMPTS[0])
 
