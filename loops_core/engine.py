@@ -143,7 +143,9 @@ class SamplerEngine(abc.ABC):
 
     @abc.abstractmethod
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Sample ``request.n`` sequences. The same non-None seed gives the same tokens."""
+        """Sample ``request.n`` sequences. The same non-None seed gives the same tokens (on GPUs in
+        bf16, batching can still flip a rare token, since kernels round differently with the batch
+        size; the HF engine's ``strict_seeds`` runs seeded requests alone to rule that out)."""
 
     def decode(self, tokens: list[int]) -> str:  # pragma: no cover - engines override
         return ""

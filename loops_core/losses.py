@@ -29,14 +29,17 @@ gspo                 per datum, M_t = sequence_ratio_mask_t (default 1)     clip
                      s = exp(sum_t M_t (lp_t - q_t) / n) (geometric mean    clip_high_threshold
                      of the token ratios; s = 1 when n = 0);                1.0004
                      loss = sum_t -w_t min(s A_t, clip(s, lo, hi) A_t)
-stable_reinforce     sum_t w_t (-sg(r_t) A_t lp_t                           kl_coeff 0.01
-                                + kl_coeff (r_t - 1 - log r_t));
-                     every datum needs provenance spans (with_provenance)
+stable_reinforce     sum_t w_t S_t (-sg(r_t) A_t lp_t                       kl_coeff 0.01
+                                    + kl_coeff (r_t - 1 - log r_t));
+                     S_t = 1 where loss_fn_input_spans name a sampled run
+                     (SampledProvenanceSpan), 0 in prompt runs; every
+                     datum needs provenance spans (with_provenance)
 ==================== ====================================================== ====================
 
 For importance_sampling, ppo, cispo, dro, gspo and stable_reinforce an optional ``weights`` input
-multiplies each position's term (default 1). ``dro`` follows the quadratic-penalty form of Tinker's docs; the exact published definition is not
-available offline, so treat it as this project's definition. Per-token ``clip_low_threshold`` /
+multiplies each position's term (default 1). ``dro`` follows the quadratic-penalty form of Tinker's
+docs; the exact published definition is not available offline, so treat it as this project's
+definition. Per-token ``clip_low_threshold`` /
 ``clip_high_threshold`` inputs, when given, override the config for ppo and cispo.
 
 ``gspo`` is Group Sequence Policy Optimization (Zheng et al., 2025, arXiv:2507.18071): PPO's
@@ -50,10 +53,11 @@ the paper's mean over the group; the gradient flows through ``s`` to every maske
 ``stable_reinforce`` is this project's reading of Tinker's alpha loss, whose formula is not
 published: REINFORCE with the detached importance weight ``r_t`` (its gradient equals
 importance_sampling's, ``-r_t A_t``), plus ``kl_coeff`` times the k3 estimate
-``r - 1 - log r`` of KL(sampler || trainer) on the sampled tokens (gradient
-``kl_coeff (r_t - 1)``). Like Tinker it requires provenance spans on every datum; loops servers
-check that they tile the datum but do not look the sequences up (there is no server-side
-sampling record): the ``logprobs`` input is the sampler's logprob.
+``r - 1 - log r`` of KL(sampler || trainer) (gradient ``kl_coeff (r_t - 1)``), both only on the
+positions the provenance spans mark as sampled: prompt positions, whose ``logprobs`` input is 0 by
+Tinker's convention, were never sampled and take no KL term. Like Tinker it requires provenance
+spans on every datum; loops servers check that they tile the datum but do not look the sequences
+up (there is no server-side sampling record): the ``logprobs`` input is the sampler's logprob.
 
 Outputs (every loss): per datum ``{"logprobs": TensorData float32 shaped like target_tokens}``.
 Metrics: ``loss:sum``, ``num_tokens:sum`` (active target entries: positions, or (t, k) entries
@@ -61,8 +65,8 @@ for [T, K] targets); ppo and cispo add ``clip_fraction:mean`` (share of active t
 r < lo or r > hi); importance_sampling/ppo/cispo/dro add ``ratio:mean`` (mean r over active
 tokens); dpo adds ``accuracy:mean`` (share of pairs with m > 0) and ``margin:mean`` (mean m);
 gspo adds ``ratio:mean`` (mean s over datums with n > 0) and ``clip_fraction:mean`` (share of those
-datums with s < lo or s > hi); stable_reinforce adds ``ratio:mean`` and ``sampler_kl:mean`` (mean
-of r - 1 - log r over active tokens).
+datums with s < lo or s > hi); stable_reinforce adds ``ratio:mean`` and ``sampler_kl:mean`` (means
+of r and of r - 1 - log r over active sampled positions).
 A mean over nothing is 0.0. If the config sets ``skip_token_normalization`` the metric
 ``skip_token_normalization`` = 1.0 is echoed (the published client's custom-loss path checks it;
 our losses are never normalised).
@@ -221,6 +225,14 @@ def _validate_datum(i: int, d: Datum, spec: LossSpec, vocab_size: int | None,
             raise InvalidRequestError(
                 f"{where}.loss_fn_inputs[{key!r}] has shape {td.shape}; expected [{n}] (one value per "
                 "input position)", field=f"{where}.loss_fn_inputs.{key}")
+
+
+def sampled_mask(d: Datum) -> list[float]:
+    """Per input position: 1.0 where ``loss_fn_input_spans`` name a sampled run, 0.0 in prompt runs
+    (all 1.0 without provenance)."""
+    if d.loss_fn_input_spans is None:
+        return [1.0] * d.model_input.length
+    return [1.0 if s.type == "sampled" else 0.0 for s in d.loss_fn_input_spans for _ in range(s.length)]
 
 
 def _check_spans(where: str, name: str, spans: list[Any], n: int) -> None:

@@ -566,7 +566,7 @@ class Checkpoint(Response):
     lora_adapter_config: LoraAdapterConfig | None = None
     size_bytes: int | None = None
     sync_status: str | None = None
-    target: Literal["sampler", "trainer"] | None = None
+    target: str | None = None  # "sampler" | "trainer"
     path: str | None = None
 
 
@@ -575,7 +575,7 @@ class CheckpointFile(Response):
     relative_file_name: str
     node_rank: int = 0
     size_bytes: int
-    last_modified: str
+    last_modified: str | None = None
 
 
 class CheckpointFilesResponse(Response):

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import hashlib
 import hmac
 import os
 import secrets
@@ -37,7 +36,6 @@ import threading
 import time
 import uuid
 from typing import Any, Iterator
-from urllib.parse import urlencode
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -48,8 +46,9 @@ from loops_core.checkpoints import CheckpointStore, read_meta
 from loops_core.errors import InvalidRequestError, NotFoundError
 from loops_core.server.http import guarded, json_body
 
+from .emulator_checkpoints import CheckpointRoutes
 from .emulator_deployments import Deployment, FakeProvisioner, LocalProvisioner
-from .emulator_faults import Faults, error
+from .emulator_faults import Faults, base_url, error
 from .models import SCALED_TO_ZERO
 
 SUPPORTED_MODELS = [{"model_name": "loops/tiny-qwen3", "max_context_length": 2048}]
@@ -76,7 +75,7 @@ class Emulator:
         self.deployments: dict[str, Deployment] = {}
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=20_000)
         self.url: str | None = None
-        self._secret = secrets.token_bytes(32)
+        self.checkpoints = CheckpointRoutes(self)
         self._tasks: set[asyncio.Task] = set()
         self._thread: threading.Thread | None = None
         self._server: Any = None
@@ -87,9 +86,9 @@ class Emulator:
             Route("/v1/loops/deployments/{dep_id}", self._trainer_status, methods=["GET"]),
             Route("/v1/models/{model_id}/deployments/{dep_id}", self._sampler_status, methods=["GET"]),
             Route("/v1/loops/capabilities", self._capabilities, methods=["GET"]),
-            Route("/v1/loops/checkpoints", self._checkpoints, methods=["GET"]),
-            Route("/v1/loops/checkpoints/{cid:path}/files", self._files, methods=["GET"]),
-            Route("/_files", self._download, methods=["GET"]),
+            Route("/v1/loops/checkpoints", self.checkpoints.list, methods=["GET"]),
+            Route("/v1/loops/checkpoints/{cid:path}/files", self.checkpoints.files, methods=["GET"]),
+            Route("/_files", self.checkpoints.download, methods=["GET"]),
             Route("/_emulator/faults", self._set_faults, methods=["POST"]),
             Route("/_emulator/deployments/{dep_id}", self._set_deployment, methods=["POST"]),
             Route("/_emulator/state", self._state, methods=["GET"]),
@@ -229,7 +228,7 @@ class Emulator:
 
     def _run_json(self, request: Request, run: dict[str, Any]) -> dict[str, Any]:
         return {"id": run["id"], "base_model": run["base_model"], "deployment_id": run["trainer"],
-                "base_url": f"{_base(request)}/gw/{run['trainer']}/sync", "base_checkpoint": None,
+                "base_url": f"{base_url(request)}/gw/{run['trainer']}/sync", "base_checkpoint": None,
                 "session_id": run["session_id"], "training_project_id": run["training_project_id"]}
 
     def _new_sampler(self, base_model: str, *, run_id: str | None = None, sampler_id: str | None = None) -> Deployment:
@@ -279,7 +278,7 @@ class Emulator:
                 base_model = _text(body, "base_model")
             dep = self._new_sampler(base_model)
             await self._provision(dep, self.provisioner.sampler(dep))
-        return JSONResponse({"sampler": {"id": dep.sampler_id, "base_url": f"{_base(request)}/gw/{dep.id}/sync",
+        return JSONResponse({"sampler": {"id": dep.sampler_id, "base_url": f"{base_url(request)}/gw/{dep.id}/sync",
                                          "model_id": dep.model_id, "deployment_id": dep.id,
                                          "base_model": dep.base_model, "base_checkpoint": None}})
 
@@ -305,58 +304,6 @@ class Emulator:
 
     async def _capabilities(self, request: Request) -> Response:
         return JSONResponse({"supported_models": SUPPORTED_MODELS})
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-    @guarded
-    async def _checkpoints(self, request: Request) -> Response:
-        q = request.query_params
-        if q.get("checkpoint_path"):
-            directory = self.store.resolve(q["checkpoint_path"])
-            meta = read_meta(directory)
-            return JSONResponse({"checkpoints": [meta] if meta else []})
-        if not q.get("run_id"):
-            raise InvalidRequestError("pass run_id or checkpoint_path", field="run_id")
-        return JSONResponse({"checkpoints": [c.model_dump(mode="json") for c in self.store.list(q["run_id"])]})
-
-    @guarded
-    async def _files(self, request: Request) -> Response:
-        q = request.query_params
-        try:
-            size, token = int(q.get("page_size", 1000)), int(q.get("page_token", 0))
-        except ValueError:
-            raise InvalidRequestError("page_size and page_token must be integers", field="page_size") from None
-        cid = request.path_params["cid"]
-        page = self.store.files(cid, size, token)
-        expires = int(time.time() + self.url_ttl_s)
-        for f in page.presigned_urls:
-            query = urlencode({"checkpoint": cid, "file": f.relative_file_name, "expires": expires,
-                               "signature": self._sign(cid, f.relative_file_name, expires)})
-            f.url = f"{_base(request)}/_files?{query}"
-        return JSONResponse(page.model_dump(mode="json"))
-
-    def _sign(self, cid: str, name: str, expires: int) -> str:
-        return hmac.new(self._secret, f"{cid}\n{name}\n{expires}".encode(), hashlib.sha256).hexdigest()
-
-    @guarded
-    async def _download(self, request: Request) -> Response:
-        q = request.query_params
-        cid, name = q.get("checkpoint", ""), q.get("file", "")
-        try:
-            expires = int(q.get("expires", "0"))
-        except ValueError:
-            expires = 0
-        if not hmac.compare_digest(self._sign(cid, name, expires), q.get("signature", "")):
-            return error(403, "signature does not match")
-        if time.time() > expires:
-            return error(403, "request has expired")
-        _, directory = self.store.get(cid)
-        path = (directory / name).resolve()
-        if directory.resolve() not in path.parents or not path.is_file():
-            raise NotFoundError(f"no file {name!r} in {cid!r}", status_code=404)
-        data = path.read_bytes()
-        if self.faults.short_files:
-            data = data[:-1]
-        return Response(data, media_type="application/octet-stream")
 
     # ---- test controls -------------------------------------------------------------------------
     @guarded
@@ -432,10 +379,6 @@ class Emulator:
 
 class _Conflict(Exception):
     pass
-
-
-def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
 
 
 def _text(body: dict[str, Any], name: str) -> str:

@@ -22,6 +22,7 @@ import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from loops_core.errors import InvalidRequestError
@@ -89,3 +90,8 @@ def error(status: int, message: str, *, source: str | None = None, reason: str |
     body = {"detail": message, "error": {"type": TYPES.get(status, "ServerError"), "message": message},
             "details": {"reason": reason or REASONS.get(status, "ERROR")}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def base_url(request: Request) -> str:
+    """The emulator's own URL as the client reached it (so any bind address works)."""
+    return str(request.base_url).rstrip("/")

@@ -31,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 from loops_core.engine import (GeneratedSequence, GenerationRequest, GenerationResult,
                                SamplerEngine, TrainerEngine)
-from loops_core.losses import get_spec
+from loops_core.losses import get_spec, sampled_mask
 from loops_core.types import AdamParams, Datum, ForwardBackwardOutput, TensorData
 
 from .tokenizer import FAKE_TOKENIZER_ID, load_fake_tokenizer
@@ -87,6 +87,7 @@ class _Row:
     """One datum, read once: tokens ``x``, targets, the active mask, and ``lp`` (0 where inactive)."""
 
     def __init__(self, datum: Datum, logp: np.ndarray) -> None:
+        self.datum = datum
         self.inputs = datum.loss_fn_inputs
         self.x = np.asarray(datum.model_input.to_ints(), dtype=np.int64)
         self.targets = self.inputs["target_tokens"].to_numpy().astype(np.int64)
@@ -190,6 +191,50 @@ def _dpo(rows: list[_Row], cfg: dict[str, float]) -> LossResult:
                             "margin:mean": float(np.mean(margins))}
 
 
+def _gspo(rows: list[_Row], cfg: dict[str, float]) -> LossResult:
+    """One ratio per datum: ``s = exp(mean of lp - q over the masked positions)``, clipped as in ppo.
+
+    ``L = sum_t -w_t min(s A_t, clip(s) A_t)``; ``dL/ds = sum_t -w_t A_t [unclipped_t]`` and
+    ``ds/dlp_t = s M_t / n``, so every masked position gets ``dL/ds * s / n``.
+    """
+    lo, hi = cfg["clip_low_threshold"], cfg["clip_high_threshold"]
+    losses, coeffs, ratios, clipped = [], [], [], []
+    for d in rows:
+        w, adv = d.weights(), d.get("advantages")
+        q = np.where(d.active, d.get("logprobs"), d.lp)
+        mask = d.get("sequence_ratio_mask") if "sequence_ratio_mask" in d.inputs else d.active.astype(np.float64)
+        n = float(mask.sum())
+        s = math.exp(float((mask * (d.lp - q)).sum()) / n) if n else 1.0
+        sc = min(max(s, lo), hi)
+        unclipped = s * adv <= sc * adv
+        losses.append(float((w * -np.minimum(s * adv, sc * adv)).sum()))
+        dl_ds = float((w * np.where(unclipped, -adv, 0.0)).sum())
+        coeffs.append(dl_ds * s * mask / n if n else np.zeros_like(d.lp))
+        if n:
+            ratios.append(np.array([s]))
+            clipped.append(np.array([float(s < lo or s > hi)]))
+    return losses, coeffs, {"ratio:mean": _mean(ratios), "clip_fraction:mean": _mean(clipped)}
+
+
+def _stable_reinforce(rows: list[_Row], cfg: dict[str, float]) -> LossResult:
+    """``sum_t w_t S_t (-sg(r_t) A_t lp_t + kl_coeff (r_t - 1 - log r_t))`` over sampled positions
+    ``S_t``; its dL/dlp is ``w_t S_t (-r_t A_t + kl_coeff (r_t - 1))`` (r is detached in the first term)."""
+    kl = cfg["kl_coeff"]
+    losses, coeffs, ratios, kls = [], [], [], []
+    for d in rows:
+        lp, adv = d.lp, d.get("advantages")
+        sampled = d.active & (np.asarray(sampled_mask(d.datum)) > 0)
+        w = np.where(sampled, d.weights(), 0.0)
+        q = np.where(sampled, d.get("logprobs"), lp)  # elsewhere: ratio 1, no term
+        r = np.exp(lp - q)
+        k3 = r - 1 - (lp - q)
+        losses.append(float((w * (-r * adv * lp + kl * k3)).sum()))
+        coeffs.append(w * (-r * adv + kl * (r - 1)))
+        ratios.append(r[sampled])
+        kls.append(k3[sampled])
+    return losses, coeffs, {"ratio:mean": _mean(ratios), "sampler_kl:mean": _mean(kls)}
+
+
 _LOSSES: dict[str, Callable[[list[_Row], dict[str, float]], LossResult]] = {
     "cross_entropy": _cross_entropy,
     "importance_sampling": _ratio_loss("importance_sampling"),
@@ -197,6 +242,8 @@ _LOSSES: dict[str, Callable[[list[_Row], dict[str, float]], LossResult]] = {
     "cispo": _ratio_loss("cispo"),
     "dro": _ratio_loss("dro"),
     "dpo": _dpo,
+    "gspo": _gspo,
+    "stable_reinforce": _stable_reinforce,
 }
 
 

@@ -1,4 +1,4 @@
-"""The six losses of ``loops_core.losses``, as pure functions on tensors.
+"""The eight losses of ``loops_core.losses``, as pure functions on tensors.
 
 Each function takes the trainer's logprobs of one packed micro-batch plus the datums' inputs,
 flattened the same way (:class:`LossInputs`), and returns the summed loss (a differentiable scalar)
@@ -9,13 +9,16 @@ the loss while its logprob is still reported.
 
 Metric conventions (not fixed by the table, chosen here):
 
-* ``num_tokens:sum`` counts active positions (a position with ``[K]`` targets counts once if any
-  of its targets is active).
+* ``num_tokens:sum`` counts active target entries: positions, or ``(t, k)`` entries for
+  ``[T, K]`` targets (as ``loops_core.losses`` says).
 * ``ratio:mean`` is the mean of ``r_t = exp(lp_t - q_t)`` over active positions.
 * ``clip_fraction:mean`` is the fraction of active positions whose ratio lies outside
   ``[clip_low, clip_high]``.
 * ``margin:mean`` is the mean over pairs of the beta-scaled margin ``m``; ``accuracy:mean`` the
   fraction of pairs with ``m > 0``.
+* gspo's ``ratio:mean`` / ``clip_fraction:mean`` count datums (one sequence ratio each, over the
+  datums whose mask covers at least one position); stable_reinforce's ``sampler_kl:mean`` is the
+  mean of ``r - 1 - log r`` over active positions.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class LossInputs:
     ref_logprobs: Tensor | None = None  # [N] (dpo)
     clip_low: Tensor | None = None  # [N] per-token thresholds (config value where not given)
     clip_high: Tensor | None = None
+    sequence_ratio_mask: Tensor | None = None  # [N] (gspo) positions the sequence ratio covers
+    sampled_mask: Tensor | None = None  # [N] (stable_reinforce) 1 where the provenance spans say "sampled"
 
 
 @dataclass
@@ -63,7 +68,7 @@ def _one(x: Tensor) -> Tensor:
 
 def _base_stats(b: LossInputs, loss: Tensor) -> Stats:
     return {"loss:sum": (loss.detach(), _one(loss)),
-            "num_tokens:sum": (_count(b.active.any(-1)), _one(loss))}
+            "num_tokens:sum": (_count(b.active), _one(loss))}
 
 
 def _rl_terms(b: LossInputs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -160,6 +165,40 @@ def dpo(b: LossInputs, config: dict[str, float]) -> LossOutput:
                              "margin:mean": (m.detach().sum(), pairs)})
 
 
+def gspo(b: LossInputs, config: dict[str, float]) -> LossOutput:
+    """Per datum s = exp(sum_t M_t (lp_t - q_t) / n), n = sum_t M_t (s = 1 when n = 0);
+    sum_t -w_t min(s A_t, clip(s, lo, hi) A_t). The gradient reaches every masked lp_t through s."""
+    lp, q, adv, w, active = _rl_terms(b)
+    lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
+    mask = b.sequence_ratio_mask if b.sequence_ratio_mask is not None else active.to(lp.dtype)
+    mask = torch.where(active, mask, torch.zeros_like(mask))
+    zeros = torch.zeros(b.num_datums, dtype=lp.dtype, device=lp.device)
+    n = zeros.index_add(0, b.datum, mask)
+    total = zeros.index_add(0, b.datum, mask * (lp - q))
+    has = n > 0
+    s = torch.exp(torch.where(has, total / torch.where(has, n, torch.ones_like(n)), torch.zeros_like(n)))
+    s_t = s[b.datum]  # each position sees its datum's ratio
+    objective = torch.minimum(s_t * adv, _clip(s_t, lo, hi) * adv)
+    loss = -(w * objective).sum()
+    sd = s.detach()
+    return LossOutput(loss, {**_base_stats(b, loss),
+                             "ratio:mean": ((sd * has).sum(), _count(has)),
+                             "clip_fraction:mean": (_count(((sd < lo) | (sd > hi)) & has), _count(has))})
+
+
+def stable_reinforce(b: LossInputs, config: dict[str, float]) -> LossOutput:
+    """sum_t w_t S_t (-sg(r_t) A_t lp_t + kl_coeff (r_t - 1 - log r_t)), S_t = sampled position."""
+    lp, q, adv, w, active = _rl_terms(b)
+    sampled = active & (b.sampled_mask > 0) if b.sampled_mask is not None else active
+    r = _ratio(lp, q, sampled)
+    log_r = torch.where(sampled, lp - q, torch.zeros_like(lp))
+    k3 = r - 1 - log_r
+    w = torch.where(sampled, w, torch.zeros_like(w))
+    loss = (w * (-r.detach() * adv * lp + config["kl_coeff"] * k3)).sum()
+    return LossOutput(loss, {**_base_stats(b, loss), **_ratio_stats(r, sampled),
+                             "sampler_kl:mean": ((k3.detach() * sampled).sum(), _count(sampled))})
+
+
 LOSS_FUNCTIONS = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
@@ -167,6 +206,8 @@ LOSS_FUNCTIONS = {
     "cispo": cispo,
     "dro": dro,
     "dpo": dpo,
+    "gspo": gspo,
+    "stable_reinforce": stable_reinforce,
 }
 
 

@@ -10,11 +10,17 @@ one batch may ask for different adapter versions (peft's mixed-adapter batches: 
 forward kwarg, one name per row, ``"__base__"`` for the base model) and different sampling settings.
 
 Sampling is per row: temperature (< 1e-5 means greedy), top-k, top-p, and a row-local
-``torch.Generator`` (CPU) seeded with the request seed (+ i for the i-th of ``n`` samples). The
-generator only supplies one uniform number per step; the token is drawn by inverse CDF from the
-row's own probabilities, so the draw does not depend on the other rows of the batch. Logprobs
-are those of the sampled token under ``softmax(logits / T)`` over the full vocabulary (``T = 1``
-when greedy), computed in float32.
+``torch.Generator`` seeded with the request seed (+ i for the i-th of ``n`` samples; a random seed
+when None). Tokens are drawn by the exponential form of Gumbel-max, ``argmax(p / E)`` with
+``E ~ Exp(1)`` over the vocabulary from the row's own generator, so a row's draw depends only on its
+own probabilities and seed, never on the other rows of the batch. Logprobs are those of the sampled
+token under ``softmax(logits / T)`` over the full vocabulary (``T = 1`` when greedy), in float32.
+
+Determinism: the same seed gives the same tokens for the same inputs and logits. Rows are
+computed independently, but a GPU's matrix kernels (bf16 especially) can round differently for
+different batch sizes, so on CUDA a request batched with others can see slightly different logits
+than alone and, rarely (more often at high entropy), a different token. ``strict_seeds=True`` makes
+seeded requests run in batches of their own, which gives identical results on every repeat.
 """
 
 from __future__ import annotations
@@ -117,10 +123,16 @@ class HFSamplerEngine(SamplerEngine):
     float32 on CPU. Attributes besides the contract's: ``tokenizer``, ``device``, ``dtype``,
     ``num_batches`` (batches run so far), ``batch_sizes`` (rows of the recent batches, newest
     last) and ``loaded_versions``.
+
+    ``lora_fast_path`` (default on): apply plain LoRA adapters with our own row-slice hooks
+    rather than peft's ``adapter_names`` mixed batches (same math, far fewer GPU syncs; see
+    ``_refresh_lora_mode``). ``strict_seeds``: run each seeded request in a batch of its own, for
+    bit-identical repeats on GPUs whose kernels round differently with the batch size.
     """
 
     def __init__(self, base_model: str, *, device: str | None = None, dtype: str | None = None,
-                 max_batch_size: int = 64, batch_wait_ms: float = 2.0) -> None:
+                 max_batch_size: int = 64, batch_wait_ms: float = 2.0,
+                 lora_fast_path: bool = True, strict_seeds: bool = False) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,11 +173,17 @@ class HFSamplerEngine(SamplerEngine):
             pad = self.eos_token_ids[0] if self.eos_token_ids else 0
         self._pad_id = int(pad)
 
+        self.lora_fast_path = bool(lora_fast_path)
+        self.strict_seeds = bool(strict_seeds)
+        self._fast = False  # LoRA deltas applied by our own hooks (see _refresh_lora_mode)
+        self._lora_plan: list[tuple[str, int, int]] | None = None
+        self._hook_handles: list[Any] = []
         self._loaded: set[int] = set()  # versions whose load finished (read from the event loop)
         self.num_batches = 0
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
+        self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._worker, name="loops-hf-sampler", daemon=True)
         self._thread.start()
 
@@ -210,8 +228,7 @@ class HFSamplerEngine(SamplerEngine):
         await self._control("unload", version)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        if self._closed:
-            raise RuntimeError("HFSamplerEngine is closed")
+        self._check_alive()
         req = request
         prompt = [int(t) for t in req.prompt]
         if not prompt:
@@ -276,11 +293,12 @@ class HFSamplerEngine(SamplerEngine):
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._queue.put(_Control("stop", loop, fut))
-        await fut
-        await asyncio.to_thread(self._thread.join)
+        if self._thread.is_alive():
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            self._queue.put(_Control("stop", loop, fut))
+            await fut
+            await asyncio.to_thread(self._thread.join)
         self._peft = None
         self._model = self._base = None  # type: ignore[assignment]
         try:
@@ -293,9 +311,14 @@ class HFSamplerEngine(SamplerEngine):
 
     # ---------------------------------------------------------------- plumbing
 
-    async def _control(self, kind: str, version: int, path: str = "") -> None:
+    def _check_alive(self) -> None:
         if self._closed:
             raise RuntimeError("HFSamplerEngine is closed")
+        if self._dead is not None:
+            raise RuntimeError(f"HFSamplerEngine worker died: {self._dead!r}")
+
+    async def _control(self, kind: str, version: int, path: str = "") -> None:
+        self._check_alive()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.put(_Control(kind, loop, fut, version, path))
@@ -317,6 +340,24 @@ class HFSamplerEngine(SamplerEngine):
             pass
 
     def _worker(self) -> None:
+        try:
+            self._worker_loop()
+        except BaseException as e:  # pragma: no cover - a bug; fail whoever still waits
+            logger.exception("HF sampler worker died")
+            self._dead = e
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Control):
+                    if item.loop is not None:
+                        self._resolve(item.loop, item.future, exc=e)
+                else:
+                    for r in item:
+                        self._resolve(r.job.loop, r.job.future, exc=e)
+
+    def _worker_loop(self) -> None:
         pending: deque[_Row] = deque()
         control: _Control | None = None
         while True:
@@ -345,12 +386,7 @@ class HFSamplerEngine(SamplerEngine):
                     control = item  # runs once everything queued before it is done
                     break
                 pending.extend(item)
-            batch: list[_Row] = []
-            while pending and len(batch) < self.max_batch_size:
-                row = pending.popleft()
-                if row.job.cancelled or row.job.failed:
-                    continue
-                batch.append(row)
+            batch = self._take_batch(pending)
             if not batch:
                 continue
             try:
@@ -360,6 +396,31 @@ class HFSamplerEngine(SamplerEngine):
                 for job in {id(r.job): r.job for r in batch}.values():
                     job.failed = True
                     self._resolve(job.loop, job.future, exc=e)
+
+    def _isolated(self, job: _Job) -> bool:
+        return self.strict_seeds and job.req.seed is not None
+
+    def _take_batch(self, pending: deque) -> list[_Row]:
+        """The next batch from ``pending`` (in order); with ``strict_seeds`` a seeded request's
+        rows make a batch of their own."""
+        while pending and (pending[0].job.cancelled or pending[0].job.failed):
+            pending.popleft()
+        batch: list[_Row] = []
+        if not pending:
+            return batch
+        if self._isolated(pending[0].job):
+            job = pending[0].job
+            while pending and pending[0].job is job and len(batch) < self.max_batch_size:
+                batch.append(pending.popleft())
+            return batch
+        skipped: list[_Row] = []
+        while pending and len(batch) < self.max_batch_size:
+            row = pending.popleft()
+            if row.job.cancelled or row.job.failed:
+                continue
+            (skipped if self._isolated(row.job) else batch).append(row)
+        pending.extendleft(reversed(skipped))
+        return batch
 
     def _run_control(self, c: _Control) -> None:
         try:
@@ -397,6 +458,7 @@ class HFSamplerEngine(SamplerEngine):
         self._peft.eval()
         self._lm_head = self._base.get_output_embeddings()
         self._decoder = self._base.get_decoder()
+        self._refresh_lora_mode()
 
     def _do_unload(self, version: int) -> None:
         name = _adapter_name(version)
@@ -409,15 +471,97 @@ class HFSamplerEngine(SamplerEngine):
             self._model = self._base
             self._lm_head = self._base.get_output_embeddings()
             self._decoder = self._base.get_decoder()
+            self._refresh_lora_mode()
             return
         with warnings.catch_warnings():  # "Adapter vN was active which is now deleted"
             warnings.simplefilter("ignore")
             self._peft.delete_adapter(name)
+        self._refresh_lora_mode()
+
+    def _refresh_lora_mode(self) -> None:
+        """Choose how mixed-adapter batches run, after the set of adapters changed.
+
+        peft's own mixed batches (``adapter_names``) index each LoRA layer's input with a Python
+        list of rows per adapter, which costs a host-to-device copy, and so a stream sync, per
+        layer and adapter. When every adapter layer is a plain ``lora.Linear`` (no DoRA or other
+        variant, no ``modules_to_save``), we instead keep peft's adapter layers disabled (each
+        computes only its base layer) and add ``B(A(x)) * scaling`` ourselves in a forward hook,
+        on contiguous row slices (``_run_batch`` orders rows by adapter). Otherwise, or with
+        ``lora_fast_path=False``, peft's ``adapter_names`` path is used.
+        """
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
+        self._fast = False
+        if self._peft is None:
+            return
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        try:
+            from peft.utils.other import AuxiliaryTrainingWrapper
+        except ImportError:  # pragma: no cover - older peft
+            AuxiliaryTrainingWrapper = ()  # type: ignore[assignment]
+        ok = self.lora_fast_path
+        layers = []
+        for mod in self._peft.modules():
+            if isinstance(mod, AuxiliaryTrainingWrapper):
+                ok = False
+            elif isinstance(mod, BaseTunerLayer):
+                if type(mod) is not LoraLinear or getattr(mod, "lora_variant", None) \
+                        or getattr(mod, "merged", False):
+                    ok = False
+                else:
+                    layers.append(mod)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if ok:
+                self._peft.base_model.disable_adapter_layers()
+            else:
+                self._peft.base_model.enable_adapter_layers()
+        if ok:
+            for mod in layers:
+                self._hook_handles.append(
+                    mod.register_forward_hook(self._lora_hook, with_kwargs=True))
+            self._fast = True
+
+    def _lora_hook(self, module, args, kwargs, output):
+        plan = self._lora_plan
+        if not plan:
+            return None
+        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+        for name, a, b in plan:
+            if name not in module.lora_A:
+                continue
+            lora_A = module.lora_A[name]
+            xa = x[a:b]
+            if xa.dtype != lora_A.weight.dtype:
+                xa = xa.to(lora_A.weight.dtype)
+            delta = module.lora_B[name](lora_A(module.lora_dropout[name](xa))) * module.scaling[name]
+            output[a:b] += delta.to(output.dtype)
+        return None
+
+    @contextlib.contextmanager
+    def _fast_adapters(self, names: list[str]):
+        plan: list[tuple[str, int, int]] = []
+        start = 0
+        for i in range(1, len(names) + 1):
+            if i == len(names) or names[i] != names[start]:
+                if names[start] != _BASE:
+                    plan.append((names[start], start, i))
+                start = i
+        self._lora_plan = plan
+        try:
+            yield
+        finally:
+            self._lora_plan = None
 
     def _adapters(self, names: list[str]):
         """Context in which the model's forward uses adapter ``names[i]`` for batch row ``i``."""
         if self._peft is None:
             return contextlib.nullcontext()
+        if self._fast:
+            return self._fast_adapters(list(names))
         return self._peft._enable_peft_forward_hooks(adapter_names=list(names))
 
     def _logits(self, hidden):
@@ -431,6 +575,8 @@ class HFSamplerEngine(SamplerEngine):
     def _run_batch(self, rows: list[_Row]) -> None:
         import torch
 
+        # Rows of one adapter next to each other: the fast LoRA path works on contiguous slices.
+        rows = sorted(rows, key=lambda r: r.job.adapter)
         self.num_batches += 1
         self.batch_sizes.append(len(rows))
         dev = self.device

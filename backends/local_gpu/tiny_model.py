@@ -114,7 +114,7 @@ def build_tiny_model(directory: Path) -> None:
         torch.set_default_dtype(torch.float32)
         try:
             model = Qwen3ForCausalLM(config)
-            # The default std 0.02 gives a tied 256-wide embedding rows of norm ~0.3, so after the
+            # With the default std 0.02 the tied 256-wide embedding rows have norm ~0.3, so after the
             # final RMSNorm (norm 16) no logit can exceed ~5 and no token gets p > 0.1: nothing
             # could be learned to near-zero loss. Std 1/sqrt(hidden) gives unit-norm rows.
             with torch.no_grad():

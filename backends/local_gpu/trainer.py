@@ -15,12 +15,16 @@ Read top to bottom, like nanoGPT's ``train.py``:
 Packing. All datums of a call go into one ``[1, total_tokens]`` row, no padding, with
 ``position_ids`` restarting at 0 for each datum. Attention must not cross datum boundaries:
 
-* ``flash_attention_2`` (CUDA, when ``flash_attn`` imports) turns restarting ``position_ids`` into
-  varlen ``cu_seqlens`` by itself;
-* with ``sdpa``/``eager`` transformers >= 4.53 (``masking_utils.find_packed_sequence_indices``)
-  detects the restarts when ``attention_mask`` is None and builds a block-diagonal causal mask;
+* on CUDA in bf16/fp16 attention is varlen flash attention, given ``cu_seq_lens`` (the datum
+  boundaries) and so costing only ``sum(len_i^2)``: ``flash_attention_2`` when ``flash_attn``
+  imports, else ``loops_varlen``, our transformers attention function over PyTorch's own
+  ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.9);
+* elsewhere (CPU, fp32) ``sdpa``: transformers >= 4.53 (``masking_utils.find_packed_sequence_indices``)
+  detects the restarting ``position_ids`` when ``attention_mask`` is None and builds a
+  block-diagonal causal mask. That mask is ``[N, N]``, and the attention computes every block, so
+  micro-batches are kept moderate (``micro_batch_tokens``);
 * on older transformers (or with ``packing="mask"``) we pass that mask ourselves, as a 4-D additive
-  float mask, which every attention implementation accepts as is.
+  float mask, which eager and sdpa attention accept as is.
 
 A call whose tokens exceed ``micro_batch_tokens`` is split into several rows (whole datums, dpo
 pairs kept together) that run forward+backward one after the other. The losses are sums over
@@ -34,7 +38,11 @@ chunk's logits instead of keeping them all.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import inspect
+import itertools
 import json
 import math
 import warnings
@@ -47,6 +55,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from loops_core.engine import TrainerEngine
+from loops_core.losses import sampled_mask
 from loops_core.types import AdamParams, Datum, ForwardBackwardOutput, TensorData
 
 from .lora import make_lora_config
@@ -79,7 +88,9 @@ class TrainerConfig:
     attn_implementation: str = "sdpa"
     packing: Literal["auto", "mask"] = "auto"  # "mask": always pass our own block-diagonal mask
     logprob_chunk_tokens: int = 1024  # rows of logits alive at once
-    micro_batch_tokens: int = 16384  # tokens per packed row before a call is split
+    # Tokens per packed row before a call is split. Varlen attention costs sum(len_i^2), so rows
+    # can be long; a block-diagonal mask costs N^2 whatever the datums, so rows stay shorter.
+    micro_batch_tokens: int = 16384
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (on by default on CUDA)
 
     @classmethod
@@ -91,6 +102,8 @@ class TrainerConfig:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dt!r}")
         if kw.get("attn_implementation") is None:
             kw["attn_implementation"] = _default_attention(dev, _DTYPES[dt])
+        if kw.get("micro_batch_tokens") is None:
+            kw["micro_batch_tokens"] = 16384 if kw["attn_implementation"] in VARLEN_IMPLEMENTATIONS else 4096
         if kw.get("gradient_checkpointing") is None:
             kw["gradient_checkpointing"] = dev.type == "cuda"
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -98,7 +111,7 @@ class TrainerConfig:
 
 
 def _default_attention(device: torch.device, dtype: torch.dtype) -> str:
-    """flash_attention_2 (varlen, no mask) on CUDA in half precision when installed, else sdpa."""
+    """Varlen flash attention on CUDA in half precision (flash_attn's, else torch's), else sdpa."""
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         try:
             import flash_attn  # noqa: F401
@@ -106,7 +119,71 @@ def _default_attention(device: torch.device, dtype: torch.dtype) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
+        if _varlen_kernel() is not None:
+            return VARLEN
     return "sdpa"
+
+
+# ---- loops_varlen: transformers attention over torch.nn.attention.varlen.varlen_attn ---------
+
+VARLEN = "loops_varlen"
+VARLEN_IMPLEMENTATIONS = {"flash_attention_2", "flash_attention_3", VARLEN}  # take cu_seq_lens
+
+
+def _varlen_kernel():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                             attention_mask: Tensor | None, scaling: float | None = None,
+                             dropout: float = 0.0, sliding_window: int | None = None, **kwargs):
+    """A transformers attention function: one packed row, datums delimited by ``cu_seq_lens_q``.
+
+    ``query`` is ``[1, H, N, D]``, ``key``/``value`` ``[1, H_kv, N, D]``; returns ``[1, N, H, D]``.
+    Without ``cu_seq_lens_q`` (an ordinary call) the row is one sequence.
+    """
+    kernel = _varlen_kernel()
+    if query.shape[0] != 1:
+        raise ValueError(f"{VARLEN} attention takes one packed row, got a batch of {query.shape[0]}")
+    n = query.shape[2]
+    cu = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+    if cu is None:
+        cu = torch.tensor([0, n], dtype=torch.int32, device=query.device)
+        max_len = n
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [N, H, D]
+    params = _parameters(kernel)
+    kw = {"scale": scaling}
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if "window_size" in params:  # (left, right); HF's window W lets a query see W keys
+        kw["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
+    else:
+        if sliding_window:
+            raise NotImplementedError(f"{VARLEN}: this torch's varlen_attn has no sliding window")
+        kw["is_causal"] = True
+    out = kernel(q, k, v, cu, cu, max_len, max_len, **kw)
+    return out.unsqueeze(0), None
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(fn) -> frozenset[str]:
+    # varlen_attn's keywords changed between torch releases (is_causal -> window_size, enable_gqa).
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _register_varlen() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
 
 
 def _transformers_detects_packing() -> bool:
@@ -129,6 +206,7 @@ class PackedBatch:
     targets: Tensor  # [N, K] int64, -1 pads K and marks inactive targets
     inputs: dict[str, Tensor]  # flat loss inputs for LossInputs (weights [N, K], others [N])
     datum: Tensor  # [N] datum index within the batch
+    cu_seq_lens: Tensor  # [B + 1] int32 datum boundaries, for varlen attention
     lengths: list[int]
     target_shapes: list[list[int]]  # per datum, to shape the returned logprobs
 
@@ -138,7 +216,8 @@ def pack(data: list[Datum], loss_fn: str, config: dict[str, float], device: torc
     tokens, positions, datum_ids, lengths, shapes = [], [], [], [], []
     targets, weights = [], []
     flat: dict[str, list[Tensor]] = {k: [] for k in ("logprobs", "advantages", "ref_logprobs",
-                                                     "clip_low_threshold", "clip_high_threshold")}
+                                                     "clip_low_threshold", "clip_high_threshold",
+                                                     "sequence_ratio_mask", "sampled_mask")}
     for i, d in enumerate(data):
         ids = d.model_input.to_ints()
         n = len(ids)
@@ -159,6 +238,10 @@ def pack(data: list[Datum], loss_fn: str, config: dict[str, float], device: torc
                 flat[key].append(inputs[key].to_torch().float().reshape(n))
             elif key.startswith("clip_") and key in config:  # ppo/cispo: config where not per-token
                 flat[key].append(torch.full((n,), config[key], dtype=torch.float32))
+            elif key == "sequence_ratio_mask" and loss_fn == "gspo":  # gspo's default mask: all positions
+                flat[key].append(torch.ones(n, dtype=torch.float32))
+            elif key == "sampled_mask" and loss_fn == "stable_reinforce":  # from the provenance spans
+                flat[key].append(torch.tensor(sampled_mask(d), dtype=torch.float32))
     k = max(t.shape[1] for t in targets)
     target = torch.cat([nn.functional.pad(t, (0, k - t.shape[1]), value=-1) for t in targets])
     weight = torch.cat([nn.functional.pad(w, (0, k - w.shape[1])) for w in weights])
@@ -177,6 +260,7 @@ def pack(data: list[Datum], loss_fn: str, config: dict[str, float], device: torc
         targets=target.to(**to),
         inputs={key: v.to(**to) for key, v in out.items()},
         datum=torch.tensor(datum_ids, dtype=torch.long).to(**to),
+        cu_seq_lens=torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(**to),
         lengths=lengths,
         target_shapes=shapes,
     )
@@ -257,7 +341,7 @@ class TorchTrainerEngine(TrainerEngine):
                  device: str | None = None, dtype: str | None = None, max_seq_len: int | None = None,
                  lora_alpha: float | None = None, train_attn: bool = True, train_mlp: bool = True,
                  attn_implementation: str | None = None, packing: Literal["auto", "mask"] = "auto",
-                 logprob_chunk_tokens: int = 1024, micro_batch_tokens: int = 16384,
+                 logprob_chunk_tokens: int = 1024, micro_batch_tokens: int | None = None,
                  gradient_checkpointing: bool | None = None):
         self.config = TrainerConfig.resolve(
             base_model, device=device, dtype=dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
@@ -278,8 +362,9 @@ class TorchTrainerEngine(TrainerEngine):
         self.max_seq_len = max_seq_len or getattr(hf_config, "max_position_embeddings", None)
         self.softcap = getattr(hf_config, "final_logit_softcapping", None)
         # Who keeps packed datums apart (see the module docstring).
-        self.explicit_mask = self.config.packing == "mask" or (
-            self.config.attn_implementation != "flash_attention_2" and not _transformers_detects_packing())
+        self.varlen = self.config.attn_implementation in VARLEN_IMPLEMENTATIONS
+        self.explicit_mask = not self.varlen and (
+            self.config.packing == "mask" or not _transformers_detects_packing())
 
         self.model = None  # the peft wrapper, made by init_lora
         self.init_lora(lora_rank, seed)
@@ -287,6 +372,8 @@ class TorchTrainerEngine(TrainerEngine):
     def _load_base(self, path: str) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
+        if self.config.attn_implementation == VARLEN:
+            _register_varlen()
         kw = dict(dtype=self.dtype, attn_implementation=self.config.attn_implementation)
         if self.device.type == "cuda":
             kw["device_map"] = {"": self.device}  # load straight onto the GPU
@@ -310,8 +397,12 @@ class TorchTrainerEngine(TrainerEngine):
         attribute (not ``.train()``) leaves every dropout inside the layer in eval mode."""
         self.model.eval()
         if self.config.gradient_checkpointing:
+            try:
+                from transformers.modeling_layers import GradientCheckpointingLayer as Layer
+            except ImportError:  # older transformers: the layers carry the flag without a base class
+                Layer = nn.Module
             for m in self.model.modules():
-                if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func"):
+                if isinstance(m, Layer) and getattr(m, "gradient_checkpointing", False) is True:
                     m.training = True
 
     # ---- 3. the adapter and its optimizer ------------------------------------------------------
@@ -332,8 +423,10 @@ class TorchTrainerEngine(TrainerEngine):
         lora_config.inference_mode = False  # a saved adapter_config.json says True: it would freeze LoRA
         # peft creates the LoRA matrices on the CPU (then moves them), so a CPU generator seeded
         # here gives the same adapter on every device. fork_rng keeps the caller's RNG untouched.
+        # Without a seed the global RNG is used (and advanced), so each unseeded init differs.
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        rng = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
+        with rng, warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # peft vs transformers 5 names
             if seed is not None:
                 torch.manual_seed(seed)
@@ -354,9 +447,10 @@ class TorchTrainerEngine(TrainerEngine):
     def _new_optimizer(self) -> None:
         # AdamW over the LoRA parameters only; hyper-parameters are set on every optim_step.
         # Gradients live as zero tensors (not None), so "accumulated gradient" is always defined.
-        fused = self.device.type == "cuda"
+        # fused: one kernel for all LoRA tensors on CUDA; foreach: a few vectorised ops on CPU.
+        cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.params, lr=0.0, betas=(0.9, 0.95), eps=1e-12,
-                                           weight_decay=0.0, fused=fused or None)
+                                           weight_decay=0.0, fused=cuda or None, foreach=None if cuda else True)
         for p in self.params:
             p.grad = torch.zeros_like(p)
 
@@ -385,9 +479,15 @@ class TorchTrainerEngine(TrainerEngine):
         return ForwardBackwardOutput(loss=metrics["loss:sum"], loss_fn_outputs=outputs, metrics=metrics)
 
     def _logprobs(self, batch: PackedBatch) -> Tensor:
-        mask = block_causal_mask(batch.position_ids, self.dtype) if self.explicit_mask else None
+        kw = {}
+        if self.varlen:  # the boundaries, given rather than re-derived from position_ids per layer
+            longest = max(batch.lengths)
+            kw = dict(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
+                      max_length_q=longest, max_length_k=longest)
+        elif self.explicit_mask:
+            kw = dict(attention_mask=block_causal_mask(batch.position_ids, self.dtype))
         hidden = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                              attention_mask=mask, use_cache=False).last_hidden_state[0]
+                              use_cache=False, **kw).last_hidden_state[0]
         return target_logprobs(hidden, self.lm_head, batch.targets,
                                chunk_tokens=self.config.logprob_chunk_tokens, softcap=self.softcap)
 
@@ -398,7 +498,8 @@ class TorchTrainerEngine(TrainerEngine):
             logprobs=lp, active=batch.targets >= 0, weights=x["weights"], datum=batch.datum,
             num_datums=len(batch.lengths), sampler_logprobs=x.get("logprobs"),
             advantages=x.get("advantages"), ref_logprobs=x.get("ref_logprobs"),
-            clip_low=x.get("clip_low_threshold"), clip_high=x.get("clip_high_threshold"))
+            clip_low=x.get("clip_low_threshold"), clip_high=x.get("clip_high_threshold"),
+            sequence_ratio_mask=x.get("sequence_ratio_mask"), sampled_mask=x.get("sampled_mask"))
 
     # ---- 5. the optimizer step ---------------------------------------------------------------
 

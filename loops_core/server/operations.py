@@ -50,6 +50,7 @@ class OperationQueue:
         self._pending: list[Operation] = []
         self._arrivals = itertools.count()
         self._last_seq: int | None = None
+        self._void: set[int] = set()  # seq ids the server refused: nothing will ever run under them
         self._wake: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
         self.running: Operation | None = None
@@ -66,6 +67,13 @@ class OperationQueue:
         assert self._wake is not None
         self._wake.set()
         return op, True
+
+    def refuse(self, seq_id: int | None) -> None:
+        """Record that the submission with ``seq_id`` was rejected, so later ones need not wait for it."""
+        if seq_id is not None:
+            self._void.add(seq_id)
+            if self._wake is not None:
+                self._wake.set()
 
     def get(self, op_id: str) -> Operation | None:
         self._evict()
@@ -97,6 +105,9 @@ class OperationQueue:
             return min(unordered, key=lambda o: o.arrival), 0.0
         op = min(self._pending, key=lambda o: (o.seq_id, o.arrival))
         expected = None if self._last_seq is None else self._last_seq + 1
+        while expected is not None and expected in self._void:
+            self._void.discard(expected)
+            expected += 1
         if expected is None or op.seq_id <= expected or op.seq_id == 1:  # type: ignore[operator]
             return op, 0.0
         waited = time.monotonic() - op.submitted_at

@@ -105,7 +105,11 @@ class TrainerServer:
             seq_id = body.get("seq_id")
             if seq_id is not None and not isinstance(seq_id, int):
                 raise InvalidRequestError("seq_id must be an integer", field="seq_id")
-            fn = prepare(body)
+            try:
+                fn = prepare(body)
+            except Exception:
+                self.queue.refuse(seq_id)  # its turn is over: the next one need not wait for it
+                raise
             op, _ = self.queue.submit(name, fn, key=key, seq_id=seq_id)
             return _accepted(op.id)
 

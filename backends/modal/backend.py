@@ -1,0 +1,319 @@
+"""The Modal backend: the same trainer and sampler servers as ``local``, in Modal containers.
+
+``create_lora_training_client`` starts two ephemeral Modal apps, a sampler (vLLM, or HF) and a
+trainer (torch + peft) whose configuration names the sampler's URL, waits until both answer
+``/health``, and returns clients bound to their web URLs. Checkpoints live on the
+``loops-checkpoints`` Volume: the trainer commits it after every save, the sampler reloads it
+before it loads a version, and ``list_checkpoints`` / ``get_checkpoint_archive_url`` read it
+from here.
+
+Security. Every session draws a random API key; the containers get it in a Modal secret and the
+servers refuse any request without ``Authorization: Api-Key <key>`` (``/health`` aside), so the
+public ``*.modal.run`` URLs are not open to the internet.
+
+Lifetime and cost. A container is billed per second while it runs. Containers start on the first
+request and stop after ``scaledown`` idle seconds (900 by default; the trainer resumes from its
+newest save_state if it is restarted). ``ServiceClient.close()`` stops every app the session
+started; if the process dies instead, Modal stops its ephemeral apps once the client's heartbeats
+stop. ``detach=True`` keeps them running after this process for ``reuse_from_session_id``; stop
+them with ``modal app stop <name>`` (names: ``loops-<session>-<n>-trainer|sampler``).
+
+The provisioning seam is ``platform.Platform``: ``ModalPlatform`` with a token, or the in-process
+``standin.ModalStandIn`` when one is active (tests; ``contract_environment``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+import warnings
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import httpx
+
+from loops_core.backend import Backend, SamplerHandle, TrainerHandle
+from loops_core.checkpoints import KINDS, META, check_name, parse_uri
+from loops_core.errors import APIConnectionError, InvalidRequestError, NotFoundError
+from loops_core.types import Checkpoint, CheckpointFile, CheckpointFilesResponse, ServerCapabilities, SupportedModel
+from loops_core.wire import Endpoint
+
+from .container import ContainerConfig, ContainerSpec
+from .platform import ModalPlatform, Platform, Started
+from .settings import GPU_CLASSES, ModalSettings
+from .standin import active_standin, standin_from_env
+
+log = logging.getLogger("loops.modal")
+HEALTH_TIMEOUT = httpx.Timeout(160.0, connect=30.0)  # a cold container may hold the first request ~150 s
+
+
+class ModalBackend(Backend):
+    name = "modal"
+    capabilities = frozenset({"checkpoints", "sampler_pinning", "standalone_sampler", "tokenizer"})
+
+    def __init__(self, config):  # noqa: ANN001
+        super().__init__(config)
+        self.settings = ModalSettings.resolve(config.options)
+        # Without a stand-in this checks for a Modal token now, so a missing one fails at once.
+        self.platform: Platform = active_standin() or ModalPlatform(self.settings)
+        self.api_key = secrets.token_urlsafe(32)
+        self.session_id = ""
+        self._started: list[Started] = []
+        self._pairs: list[dict[str, Any]] = []      # what this session runs (its reuse record)
+        self._reusable: list[dict[str, Any]] = []   # pairs of the session named by reuse_from_session_id
+        self._adopted: list[dict[str, Any]] = []
+        self._count = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def contract_environment(cls) -> Iterator[None]:
+        """The contract suite runs through the in-process stand-in, unless ``LOOPS_MODAL_CONTRACT=real``."""
+        if os.environ.get("LOOPS_MODAL_CONTRACT", "").lower() == "real":
+            yield
+            return
+        with standin_from_env().active():
+            yield
+
+    # ---- sessions -------------------------------------------------------------------------------
+    async def start_session(self) -> str:
+        self.session_id = f"modal-{uuid.uuid4().hex[:12]}"
+        reuse = self.config.reuse_from_session_id
+        if reuse:
+            record = await self.platform.get_record(reuse)
+            if record:
+                self._reusable = list(record.get("pairs", []))
+            else:
+                warnings.warn(f"loops: no Modal session {reuse!r} is recorded; starting new containers",
+                              RuntimeWarning, stacklevel=2)
+        return self.session_id
+
+    def _app_name(self, role: str) -> str:
+        return f"loops-{self.session_id.removeprefix('modal-')}-{self._count}-{role}"
+
+    def _config(self, role: str, base_model: str, run_id: str, **kw: Any) -> ContainerConfig:
+        return ContainerConfig(role=role, base_model=base_model, run_id=run_id, api_key=self.api_key,
+                               engine=self.settings.engine, sampler_engine=self.settings.sampler_engine,
+                               volume=self.settings.volume, **kw)
+
+    async def _start(self, config: ContainerConfig, gpu: str | None) -> Started:
+        spec = ContainerSpec(app_name=self._app_name(config.role), config=config, gpu=gpu,
+                             scaledown=self.settings.scaledown, hf_token=self.settings.hf_token,
+                             detach=self.settings.detach, output=self.settings.output)
+        started = await self.platform.start(spec)
+        self._started.append(started)
+        return started
+
+    def _endpoint(self, url: str, key: str) -> Endpoint:
+        return Endpoint(url=url, api_key=key)
+
+    # ---- provisioning -------------------------------------------------------------------------
+    async def create_trainer(self, base_model: str, *, rank: int, seed: int | None, ready_timeout: float,
+                             max_seq_len: int | None = None) -> TrainerHandle:
+        pair = await self._reuse(base_model, ready_timeout)
+        if pair is None:
+            self._count += 1
+            run_id = f"run-{uuid.uuid4().hex[:12]}"
+            mine: list[Started] = []
+            try:
+                sampler = await self._start(self._config("sampler", base_model, run_id, rank=rank),
+                                            self.settings.sampler_gpu)
+                mine.append(sampler)
+                trainer = await self._start(self._config("trainer", base_model, run_id, rank=rank, seed=seed,
+                                                         sampler_url=sampler.url), self.settings.gpu)
+                mine.append(trainer)
+                await asyncio.gather(wait_healthy(sampler, ready_timeout), wait_healthy(trainer, ready_timeout))
+            except BaseException:
+                await self._stop(mine)
+                raise
+            pair = {"run_id": run_id, "base_model": base_model, "trainer_url": trainer.url,
+                    "sampler_url": sampler.url, "api_key": self.api_key,
+                    "app_ids": [s.app_id for s in mine if s.app_id], "apps": [s.app_name for s in mine]}
+            self._pairs.append(pair)
+            await self._save_record()
+        return TrainerHandle(trainer=self._endpoint(pair["trainer_url"], pair["api_key"]),
+                             sampler=self._endpoint(pair["sampler_url"], pair["api_key"]), run_id=pair["run_id"],
+                             base_model=base_model, sampler_id=pair["apps"][0] if pair.get("apps") else None)
+
+    async def _reuse(self, base_model: str, ready_timeout: float) -> dict[str, Any] | None:
+        """A still-running pair of the session named by ``reuse_from_session_id``, for this model."""
+        while True:
+            pair = next((p for p in self._reusable if p.get("base_model") == base_model), None)
+            if pair is None:
+                return None
+            self._reusable.remove(pair)
+            names = dict(zip(("sampler", "trainer"), pair.get("apps", [])))
+            try:
+                await asyncio.gather(*(wait_healthy(Started(role, pair[f"{role}_url"], None, names.get(role, role), _noop),
+                                                    ready_timeout, probe=True) for role in ("sampler", "trainer")))
+            except APIConnectionError as exc:
+                log.warning("not reusing run %s: %s", pair.get("run_id"), exc)
+                continue
+            self._adopted.append(pair)
+            self._pairs.append(pair)
+            await self._save_record()
+            return pair
+
+    async def _save_record(self) -> None:
+        try:
+            await self.platform.put_record(self.session_id, {"pairs": self._pairs, "updated": time.time()})
+        except Exception as exc:  # reuse is a convenience; provisioning succeeded
+            log.warning("could not record Modal session %s for reuse: %s", self.session_id, exc)
+
+    async def create_sampler(self, base_model: str | None, *, ready_timeout: float,
+                             model_path: str | None = None) -> SamplerHandle:
+        rank = None
+        if model_path is not None:
+            meta = await self._checkpoint_meta(model_path, kind="sampler_weights")
+            base_model = meta.get("base_model")
+            rank = (meta.get("lora_adapter_config") or {}).get("r")
+            if not base_model:
+                raise InvalidRequestError(f"{model_path!r} does not record its base model", field="model_path")
+        assert base_model is not None
+        self._count += 1
+        sampler_id = f"sampler-{uuid.uuid4().hex[:12]}"
+        started = await self._start(self._config("sampler", base_model, sampler_id, rank=rank),
+                                    self.settings.sampler_gpu)
+        try:
+            await wait_healthy(started, ready_timeout)
+        except BaseException:
+            await self._stop([started])
+            raise
+        return SamplerHandle(sampler=self._endpoint(started.url, self.api_key), base_model=base_model,
+                             sampler_id=sampler_id, checkpoint_path=model_path)
+
+    async def get_server_capabilities(self) -> ServerCapabilities:
+        chosen = [g for g in (self.settings.gpu, self.settings.sampler_gpu) if g]
+        gpus = list(dict.fromkeys([*chosen, *GPU_CLASSES])) if chosen else ["cpu"]
+        return ServerCapabilities(supported_models=[
+            SupportedModel(model_name="loops/tiny-qwen3", max_context_length=2048, gpu_classes=gpus),
+            SupportedModel(model_name="any Hugging Face causal LM id the trainer can load (e.g. Qwen/Qwen3-0.6B, "
+                                      "Qwen/Qwen3-8B); set HF_TOKEN for gated ones",
+                           max_context_length=None, gpu_classes=gpus)])
+
+    # ---- checkpoints, read from the Volume ------------------------------------------------------
+    async def _checkpoint_meta(self, path: str, *, kind: str) -> dict[str, Any]:
+        parsed = parse_uri(path) if isinstance(path, str) else None
+        if parsed is None:
+            raise InvalidRequestError(
+                f"model_path={path!r}: on Modal a checkpoint is named by its URI, "
+                "loops://<run>/sampler_weights/<name> (the containers read it from the Volume)", field="model_path")
+        run_id, k, name = parsed
+        if k != kind:
+            raise InvalidRequestError(f"path {path!r} is a {k} checkpoint; this call needs a {kind} checkpoint",
+                                      field="model_path")
+        raw = await self.platform.read_file(f"runs/{run_id}/{k}/{name}/{META}")
+        if raw is None:
+            raise NotFoundError(f"checkpoint {path!r} not found on the Modal volume {self.settings.volume!r}",
+                                status_code=404)
+        return json.loads(raw)
+
+    async def list_checkpoints(self, run_id: str) -> list[Checkpoint]:
+        check_name(run_id, "run_id")
+        entries = await self.platform.listdir(f"runs/{run_id}")
+        metas = [e.path for e in entries if not e.is_dir and _is_meta(e.path, run_id)]
+        raws = await asyncio.gather(*(self.platform.read_file(p) for p in metas))
+        return sorted((Checkpoint.model_validate_json(r) for r in raws if r), key=lambda c: c.created_at)
+
+    async def get_checkpoint_archive_url(self, checkpoint_id: str, page_size: int = 1000,
+                                         page_token: int = 0) -> CheckpointFilesResponse:
+        if page_size <= 0 or page_token < 0:
+            raise InvalidRequestError("page_size must be > 0 and page_token >= 0", field="page_size")
+        run_id, kind, name = _split_checkpoint_id(checkpoint_id)
+        base = f"runs/{run_id}/{kind}/{name}"
+        files = sorted((e for e in await self.platform.listdir(base) if not e.is_dir), key=lambda e: e.path)
+        if not any(e.path == f"{base}/{META}" for e in files):
+            raise NotFoundError(f"checkpoint {checkpoint_id!r} not found on the Modal volume {self.settings.volume!r}",
+                                status_code=404)
+        page = files[page_token:page_token + page_size]
+        nxt = page_token + page_size
+        return CheckpointFilesResponse(
+            presigned_urls=[CheckpointFile(url=self.platform.file_url(e.path), relative_file_name=e.path[len(base) + 1:],
+                                           node_rank=0, size_bytes=e.size,
+                                           last_modified=datetime.fromtimestamp(e.mtime, timezone.utc).isoformat())
+                            for e in page],
+            next_page_token=nxt if nxt < len(files) else None, total_count=len(files))
+
+    # ---- teardown -------------------------------------------------------------------------------
+    async def _stop(self, started: list[Started]) -> None:
+        for s in reversed(started):
+            if s in self._started:
+                self._started.remove(s)
+            try:
+                await s.stop()
+            except Exception as exc:
+                log.warning("could not stop Modal app %s: %s", s.app_name, exc)
+
+    async def aclose(self) -> None:
+        await self._stop(list(self._started))
+        adopted, self._adopted = self._adopted, []
+        if not self.settings.detach:  # a reused pair is this session's now: it goes with it
+            for pair in adopted:
+                for app_id in pair.get("app_ids", []):
+                    try:
+                        await self.platform.stop_app(app_id)
+                    except Exception as exc:
+                        log.warning("could not stop Modal app %s: %s", app_id, exc)
+
+
+async def _noop() -> None:
+    return None
+
+
+def _is_meta(path: str, run_id: str) -> bool:
+    parts = path.split("/")
+    return (len(parts) == 5 and parts[:2] == ["runs", run_id] and parts[2] in KINDS
+            and not parts[3].startswith(".") and parts[4] == META)
+
+
+def _split_checkpoint_id(checkpoint_id: str) -> tuple[str, str, str]:
+    parts = checkpoint_id.split("/") if isinstance(checkpoint_id, str) else []
+    if len(parts) != 3 or parts[1] not in KINDS:
+        parsed = parse_uri(checkpoint_id) if isinstance(checkpoint_id, str) else None
+        if not parsed:
+            raise InvalidRequestError(
+                f"checkpoint_id {checkpoint_id!r} is not of the form <run_id>/<weights|sampler_weights>/<name>",
+                field="checkpoint_id")
+        parts = list(parsed)
+    check_name(parts[0], "checkpoint_id")
+    check_name(parts[2], "checkpoint_id")
+    return parts[0], parts[1], parts[2]
+
+
+async def wait_healthy(started: Started, timeout: float, *, probe: bool = False) -> None:
+    """Wait until ``started`` answers ``GET /health`` with ok. Redirects are followed: Modal answers
+    a request that waited 150 s for a cold container with a 303 to the same request."""
+    deadline = time.monotonic() + timeout
+    last, attempt = "no answer yet", 0
+    async with httpx.AsyncClient(follow_redirects=True, timeout=HEALTH_TIMEOUT) as client:
+        while True:
+            try:
+                r = await client.get(started.url.rstrip("/") + "/health")
+                if r.status_code == 200 and _ok(r):
+                    return
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+                if 400 <= r.status_code < 500 and r.status_code not in (408, 425, 429):
+                    # Modal's answer for a stopped or unknown app; our /health never says 4xx
+                    raise APIConnectionError(f"the Modal {started.role} at {started.url} answers {last}: "
+                                             "its app is stopped or gone")
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                what = "is not answering" if probe else f"was not healthy after {timeout:.0f} s"
+                raise APIConnectionError(
+                    f"the Modal {started.role} at {started.url} {what} (last: {last}). Its logs: "
+                    f"`modal app logs {started.app_name}` or the Modal dashboard")
+            await asyncio.sleep(min(5.0, 0.05 * 2 ** attempt))
+            attempt += 1
+
+
+def _ok(r: httpx.Response) -> bool:
+    try:
+        return r.json().get("status") == "ok"
+    except (ValueError, AttributeError):
+        return False

@@ -1,0 +1,1 @@
+"""Mirrors ``tinker.lib``: the public interfaces live in ``tinker.lib.public_interfaces``."""

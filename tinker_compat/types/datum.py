@@ -1,0 +1,5 @@
+"""Mirrors ``tinker.types.datum`` (the same objects as ``tinker.types``)."""
+
+from . import Datum
+
+__all__ = ["Datum"]

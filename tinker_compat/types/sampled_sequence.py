@@ -1,0 +1,5 @@
+"""Mirrors ``tinker.types.sampled_sequence`` (the same objects as ``tinker.types``)."""
+
+from . import SampledSequence
+
+__all__ = ["SampledSequence"]
