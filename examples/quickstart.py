@@ -27,9 +27,9 @@ def main() -> None:
     parser.add_argument("--model", default=TINY)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=None, help="default: 2e-2 for the tiny model, 5e-4 otherwise")
+    parser.add_argument("--lr", type=float, default=None, help="default: 5e-3 for the tiny model, 5e-4 otherwise")
     args = parser.parse_args()
-    lr = args.lr or (2e-2 if args.model == TINY else 5e-4)
+    lr = args.lr or (5e-3 if args.model == TINY else 5e-4)
     start = time.perf_counter()
 
     with ServiceClient() as service_client:

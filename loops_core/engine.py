@@ -102,6 +102,20 @@ class GenerationRequest:
     prompt_logprobs: int | None = None
     adapter: int | None = None  # policy version to serve; None or 0 means the base model
 
+    def check(self, vocab_size: int, max_seq_len: int | None) -> list[int]:
+        """Engines' own guard (the server validates first): returns the prompt as ints."""
+        prompt = [int(t) for t in self.prompt]
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+        if max_seq_len is not None and len(prompt) > max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len {max_seq_len}")
+        if int(self.n) < 0 or self.max_tokens < 0:
+            raise ValueError("n and max_tokens must be >= 0")
+        return prompt
+
 
 @dataclass
 class GeneratedSequence:

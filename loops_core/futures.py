@@ -182,3 +182,25 @@ async def maybe_await(x: Awaitable[T] | T) -> T:
     if asyncio.iscoroutine(x) or isinstance(x, (asyncio.Future, APIFuture)):
         return await x  # type: ignore[misc]
     return x  # type: ignore[return-value]
+
+
+class ClientLifecycle:
+    """``with`` / ``async with`` for a client that has ``close()`` and ``aclose()``."""
+
+    def close(self) -> None:  # pragma: no cover - every client overrides
+        raise NotImplementedError
+
+    async def aclose(self) -> None:  # pragma: no cover - every client overrides
+        raise NotImplementedError
+
+    def __enter__(self):  # noqa: ANN204
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self):  # noqa: ANN204
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

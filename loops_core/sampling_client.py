@@ -17,7 +17,7 @@ import uuid
 from typing import Any
 
 from .errors import APIConnectionError, APIStatusError, InvalidRequestError
-from .futures import on_loop, run_sync
+from .futures import ClientLifecycle, on_loop, run_sync
 from .tokenizers import load_tokenizer
 from .types import ModelInput, SampledSequence, SampleResponse, SamplingParams
 from .wire import Endpoint, WireClient
@@ -27,7 +27,7 @@ _TRANSPORTS: dict[int, Any] = {}
 _keys = itertools.count(1)
 
 
-class SamplingClient:
+class SamplingClient(ClientLifecycle):
     def __init__(self, sampler: Endpoint | str, *, base_model: str, policy_version: int | None = None,
                  min_policy_version: int | None = None, checkpoint_path: str | None = None,
                  timeout: float | None = None, ready_timeout: float = 3600.0, tokenizer_id: str | None = None,
@@ -170,12 +170,6 @@ class SamplingClient:
 
     async def aclose(self) -> None:
         await on_loop(self._wire.aclose())
-
-    def __enter__(self) -> "SamplingClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __getstate__(self) -> dict[str, Any]:
         # the wire client and a backend's tokenizer loader stay behind; both are rebuilt on load

@@ -12,7 +12,7 @@ from typing import Any
 from .backend import Backend, BackendConfig, SamplerHandle, TrainerHandle, check_rank
 from .direct import DirectBackend
 from .errors import InvalidRequestError
-from .futures import on_loop, run_sync
+from .futures import ClientLifecycle, on_loop, run_sync
 from .plugins import load_backend, resolve_backend_name
 from .sampling_client import SamplingClient
 from .training_client import TrainingClient
@@ -20,7 +20,7 @@ from .types import Checkpoint, CheckpointFilesResponse, GetInfoResponse, ServerC
 from .wire import WireClient
 
 
-class ServiceClient:
+class ServiceClient(ClientLifecycle):
     """Entry point of every session.
 
     Args:
@@ -167,18 +167,6 @@ class ServiceClient:
         if not self._closed:
             self._closed = True
             await on_loop(self._backend.aclose())
-
-    def __enter__(self) -> "ServiceClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> "ServiceClient":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"<ServiceClient backend={self._backend.name} session={self._session_id}>"

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import InvalidRequestError, NotFoundError, SamplerVersionError
-from .futures import APIFuture, ForwardBackwardFuture, on_loop, run_sync, submit
+from .futures import APIFuture, ClientLifecycle, ForwardBackwardFuture, on_loop, run_sync, submit
 from .losses import validate_batch
 from .sampling_client import SamplingClient
 from .types import (AdamParams, Checkpoint, CheckpointFilesResponse, Datum, ForwardBackwardOutput,
@@ -30,7 +30,7 @@ SAMPLER_WAIT_CEILING = 600.0  # seconds; independent of .result(timeout), as in 
 CustomLossFn = Callable[[list[Datum], list[Any]], tuple[Any, dict[str, float]]]
 
 
-class TrainingClient:
+class TrainingClient(ClientLifecycle):
     def __init__(self, trainer: Endpoint | str, *, base_model: str, lora_rank: int, run_id: str | None = None,
                  sampler: Endpoint | None = None, info: GetInfoResponse | None = None, timeout: float = 600.0,
                  ready_timeout: float = 600.0, service: "ServiceClient | None" = None,
@@ -419,18 +419,6 @@ class TrainingClient:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-
-    def __enter__(self) -> "TrainingClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> "TrainingClient":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"<TrainingClient {self._base_model} rank={self._lora_rank} run={self._run_id}>"

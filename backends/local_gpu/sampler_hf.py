@@ -230,17 +230,8 @@ class HFSamplerEngine(SamplerEngine):
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self._check_alive()
         req = request
-        prompt = [int(t) for t in req.prompt]
-        if not prompt:
-            raise ValueError("prompt must contain at least one token")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        if self.max_seq_len is not None and len(prompt) > self.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len {self.max_seq_len}")
+        prompt = req.check(self.vocab_size, self.max_seq_len)
         n = int(req.n)
-        if n < 0 or req.max_tokens < 0:
-            raise ValueError("n and max_tokens must be >= 0")
         if req.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0.0 < req.top_p <= 1.0:

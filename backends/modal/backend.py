@@ -148,9 +148,10 @@ class ModalBackend(Backend):
                 return None
             self._reusable.remove(pair)
             names = dict(zip(("sampler", "trainer"), pair.get("apps", [])))
+            probes = [Started(role, pair[f"{role}_url"], None, names.get(role, role), _noop)
+                      for role in ("sampler", "trainer")]
             try:
-                await asyncio.gather(*(wait_healthy(Started(role, pair[f"{role}_url"], None, names.get(role, role), _noop),
-                                                    ready_timeout, probe=True) for role in ("sampler", "trainer")))
+                await asyncio.gather(*(wait_healthy(p, ready_timeout, probe=True) for p in probes))
             except APIConnectionError as exc:
                 log.warning("not reusing run %s: %s", pair.get("run_id"), exc)
                 continue
@@ -233,8 +234,8 @@ class ModalBackend(Backend):
         page = files[page_token:page_token + page_size]
         nxt = page_token + page_size
         return CheckpointFilesResponse(
-            presigned_urls=[CheckpointFile(url=self.platform.file_url(e.path), relative_file_name=e.path[len(base) + 1:],
-                                           node_rank=0, size_bytes=e.size,
+            presigned_urls=[CheckpointFile(url=self.platform.file_url(e.path),
+                                           relative_file_name=e.path[len(base) + 1:], node_rank=0, size_bytes=e.size,
                                            last_modified=datetime.fromtimestamp(e.mtime, timezone.utc).isoformat())
                             for e in page],
             next_page_token=nxt if nxt < len(files) else None, total_count=len(files))

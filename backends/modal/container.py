@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Protocol
 
-from loops_core.checkpoints import KINDS, CheckpointStore
+from loops_core.checkpoints import CheckpointStore
 from loops_core.types import Checkpoint
 
 from .settings import DEFAULT_VOLUME, POLL_HOLD_S, VOLUME_MOUNT
@@ -70,8 +70,9 @@ class ContainerConfig:
             kw[f.name] = int(raw) if f.name in ("rank", "seed") else float(raw) if f.name == "poll_hold" else raw
         missing = [n for n in ("role", "base_model", "run_id") if n not in kw]
         if missing:
-            raise RuntimeError(f"container configuration incomplete: {', '.join(ENV_PREFIX + m.upper() for m in missing)} "
-                               "not set (the modal backend passes them as a secret)")
+            names = ", ".join(ENV_PREFIX + m.upper() for m in missing)
+            raise RuntimeError(f"container configuration incomplete: {names} not set "
+                               "(the modal backend passes them as a secret)")
         return cls(**kw)
 
 
@@ -186,7 +187,8 @@ def make_sampler_engine(config: ContainerConfig):  # noqa: ANN201
 
 
 # ---- servers ----------------------------------------------------------------------------------
-def build_server(config: ContainerConfig, *, volume: Volume | None = None, local: Path | str | None = None):  # noqa: ANN201
+def build_server(config: ContainerConfig, *, volume: Volume | None = None,
+                 local: Path | str | None = None):  # noqa: ANN201
     """The TrainerServer or SamplerServer for ``config`` (its ``.app`` is the ASGI app to expose)."""
     from loops_core.server.sampler import SamplerServer
     from loops_core.server.trainer import SamplerLink, TrainerServer
@@ -213,7 +215,7 @@ def resume_latest(server: Any, store: CheckpointStore) -> None:
     if not saved:
         return
     newest = saved[-1]
-    directory = store.dir_for(server.run_id, KINDS[0], newest.checkpoint_id)
+    directory = store.dir_for(server.run_id, "weights", newest.checkpoint_id)
     try:
         server.engine.load_state(directory, with_optimizer=True)
     except Exception as exc:

@@ -16,6 +16,7 @@ from loops_core.checkpoints import CheckpointStore, loops_home, parse_uri
 from loops_core.errors import InvalidRequestError, NotFoundError
 
 from ... import types
+from ..._exceptions import tinker_errors
 from ..._runs import RECORD, forget_checkpoint, read_run, to_tinker_checkpoint, training_run
 from .api_future import APIFuture, deprecated_async, run
 
@@ -34,8 +35,6 @@ class RestClient:
         if self._holder is not None:
             return self._holder.loops_client
         if self._own is None:
-            from ..._exceptions import tinker_errors
-
             with tinker_errors():
                 self._own = loops_core.ServiceClient()
         return self._own
@@ -61,44 +60,48 @@ class RestClient:
         return out
 
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[types.WeightsInfoResponse]:
+        service = self._service()
+
         async def go() -> types.WeightsInfoResponse:
             tr = await self._run(service, _parse(tinker_path)[0])
             record = read_run(tr.training_run_id) or {}
             return types.WeightsInfoResponse(base_model=tr.base_model, is_lora=True, lora_rank=tr.lora_rank,
                                              **{k: record.get(k) for k in ("train_unembed", "train_mlp", "train_attn")})
 
-        service = self._service()
         return run(APIFuture, go())
 
     def list_training_runs(self, limit: int = 20, offset: int = 0, access_scope: Scope = "owned",
                            project_id: str | None = None) -> APIFuture[types.TrainingRunsResponse]:
         """Runs created through the shim on this machine (their records under ``$LOOPS_HOME/runs``)."""
+        service = self._service()
+
         async def go() -> types.TrainingRunsResponse:
             records = sorted(loops_home().glob(f"runs/*/{RECORD}"), key=lambda p: p.stat().st_mtime, reverse=True)
             runs = [await self._run(service, p.parent.name) for p in records[offset:offset + limit]]
             return types.TrainingRunsResponse(training_runs=runs)
 
-        service = self._service()
         return run(APIFuture, go())
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def list_checkpoints(self, training_run_id: types.ModelID) -> APIFuture[types.CheckpointsListResponse]:
+        service = self._service()
+
         async def go() -> types.CheckpointsListResponse:
             record = read_run(training_run_id)
             found = await _checkpoints(service, training_run_id)
             return types.CheckpointsListResponse(checkpoints=[to_tinker_checkpoint(c, record) for c in found])
 
-        service = self._service()
         return run(APIFuture, go())
 
     def get_external_weights_urls(self, tinker_path: str) -> APIFuture[types.ExternalWeightsUrlsResponse]:
         """``{relative file name: URL}`` for every file of a checkpoint."""
+        service = self._service()
+
         async def go() -> types.ExternalWeightsUrlsResponse:
             run_id, kind, name = _parse(tinker_path)
             files = await service.get_checkpoint_archive_url_async(f"{run_id}/{kind}/{name}")
             return types.ExternalWeightsUrlsResponse(urls={f.relative_file_name: f.url for f in files.presigned_urls})
 
-        service = self._service()
         return run(APIFuture, go())
 
     def delete_checkpoint(self, training_run_id: types.ModelID, checkpoint_id: str) -> APIFuture[None]:
@@ -106,11 +109,12 @@ class RestClient:
         return run(APIFuture, self._delete(self._service(), training_run_id, checkpoint_id))
 
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        service = self._service()
+
         async def go() -> None:
             run_id, kind, name = _parse(tinker_path)
             await self._delete(service, run_id, f"{kind}/{name}")
 
-        service = self._service()
         return run(APIFuture, go())
 
     async def _delete(self, service: loops_core.ServiceClient, run_id: str, checkpoint_id: str) -> None:

@@ -18,7 +18,7 @@ from loops_core.errors import InvalidRequestError, NotFoundError
 
 from ... import types
 from ..._exceptions import BadRequestError, tinker_errors
-from ..._runs import read_run, update_run
+from ..._runs import update_run
 from .api_future import APIFuture, deprecated_async, run, settle
 from .backcompat_sampling_client_future import BackcompatSamplingClientFuture
 from .backcompat_training_client_future import BackcompatTrainingClientFuture
