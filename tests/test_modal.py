@@ -290,9 +290,9 @@ def test_torch_engine_through_the_standin():
         service.close()
 
 
-def test_standin_records_are_plain_json():
+def test_standin_records_are_plain_json(tmp_path):
     async def run():
-        si = ModalStandIn()
+        si = ModalStandIn(root=tmp_path)
         await si.put_record("s", {"pairs": [{"run_id": "r"}]})
         return await si.get_record("s")
 
