@@ -127,6 +127,7 @@ class WireClient:
             self._client = httpx.AsyncClient(
                 base_url=self.endpoint.url, headers=headers, transport=self.endpoint.transport, verify=ssl_context(),
                 timeout=httpx.Timeout(self.timeout, connect=10.0),
+                follow_redirects=True,  # Modal answers a request that runs past 150 s with a 303
                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
         return self._client
 
