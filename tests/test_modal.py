@@ -7,7 +7,7 @@ What runs here, and against what:
 * provisioning (``ModalBackend``) runs against ``ModalStandIn``, an in-process stand-in for the
   part of Modal it uses: containers are our server apps on loopback, the Volume a directory;
 * the whole contract suite runs through that stand-in (fake engine), on the ``modal`` backend
-  only: this module's ``pytest_generate_tests`` pins ``backend_name`` (tests/test_contract.py keeps
+  only: this module's ``LOOPS_CONTRACT_BACKENDS`` pins ``backend_name`` (tests/test_contract.py keeps
   its own selection);
 * one path runs the torch trainer and HF sampler through the stand-in (needs torch).
 
@@ -36,21 +36,7 @@ from loops_core import (AdamParams, AuthenticationError, BackendUnavailableError
 from loops_core.testing.contract.data import france, sft_datum  # noqa: E402
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Run the imported contract tests on ``modal`` alone. Module hooks run before the plugin's, so
-    this parametrizes ``backend_name`` first and makes the plugin's own parametrization of it a
-    no-op for this module's tests."""
-    if "backend_name" not in metafunc.fixturenames:
-        return
-    metafunc.parametrize("backend_name", [pytest.param("modal", marks=pytest.mark.modal)], scope="session")
-    parametrize = metafunc.parametrize
-
-    def skip_backend_name(argnames, *args, **kwargs):  # noqa: ANN001, ANN202
-        if argnames == "backend_name":
-            return None
-        return parametrize(argnames, *args, **kwargs)
-
-    metafunc.parametrize = skip_backend_name  # type: ignore[method-assign]
+LOOPS_CONTRACT_BACKENDS = ["modal"]  # the contract plugin runs this module's imported tests on modal alone
 
 
 @pytest.fixture

@@ -12,39 +12,17 @@ Read top to bottom, like nanoGPT's ``train.py``:
 6. ``save_state`` / ``load_state`` (safetensors + JSON, never pickle) and ``export_adapter``
    (a standard PEFT directory that peft and vLLM load).
 
-Packing. All datums of a call go into one ``[1, total_tokens]`` row, no padding, with
-``position_ids`` restarting at 0 for each datum. Attention must not cross datum boundaries:
-
-* on CUDA in bf16/fp16 attention is varlen flash attention, given ``cu_seq_lens`` (the datum
-  boundaries) and so costing only ``sum(len_i^2)``: ``flash_attention_2`` when ``flash_attn``
-  imports, else ``loops_varlen``, our transformers attention function over PyTorch's own
-  ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.9);
-* elsewhere (CPU, fp32) ``sdpa``: transformers >= 4.53 (``masking_utils.find_packed_sequence_indices``)
-  detects the restarting ``position_ids`` when ``attention_mask`` is None and builds a
-  block-diagonal causal mask. That mask is ``[N, N]``, and the attention computes every block, so
-  micro-batches are kept moderate (``micro_batch_tokens``);
-* on older transformers (or with ``packing="mask"``) we pass that mask ourselves, as a 4-D additive
-  float mask, which eager and sdpa attention accept as is.
-
-A call whose tokens exceed ``micro_batch_tokens`` is split into several rows (whole datums, dpo
-pairs kept together) that run forward+backward one after the other. The losses are sums over
-datums, so the result is the same, only the peak memory is lower.
-
-Logprobs. The ``[tokens x vocab]`` fp32 logits are never materialised: the transformer returns
-its final hidden states, then ``lm_head`` + ``log_softmax`` + gather run on chunks of
-``logprob_chunk_tokens`` rows under ``torch.utils.checkpoint``, so backward recomputes each
-chunk's logits instead of keeping them all.
+Packing (``packing.py``): all datums of a call go into one row of tokens, no padding, split into
+micro-batches of ``micro_batch_tokens``; the attention (varlen, or a block-diagonal mask) keeps
+them apart. Logprobs (``logprobs.py``): the target logprobs are computed chunk by chunk from the
+final hidden states, so the full ``[tokens x vocab]`` logits never exist at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import inspect
-import itertools
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,14 +30,17 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from loops_core.engine import TrainerEngine
-from loops_core.losses import sampled_mask
 from loops_core.types import AdamParams, Datum, ForwardBackwardOutput, TensorData
 
+from .logprobs import target_logprobs
 from .lora import make_lora_config
 from .losses_torch import LOSS_FUNCTIONS, LossInputs, combine_stats
+# Tests and scripts import these from this module too (e.g. trainer.pack, trainer.VARLEN).
+from .packing import (VARLEN, VARLEN_IMPLEMENTATIONS, PackedBatch, _default_attention,
+                      _per_datum_logprobs, _transformers_detects_packing, _varlen_kernel,
+                      block_causal_mask, micro_batches, pack, varlen_attention_forward)
 from .tiny_model import model_not_found, resolve_model_path
 
 ADAPTER = "default"  # peft adapter name; part of the stable parameter names in saved state
@@ -110,223 +91,16 @@ class TrainerConfig:
         return cls(base_model=base_model, device=str(dev), dtype=dt, **kw)
 
 
-def _default_attention(device: torch.device, dtype: torch.dtype) -> str:
-    """Varlen flash attention on CUDA in half precision (flash_attn's, else torch's), else sdpa."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-        if _varlen_kernel() is not None:
-            return VARLEN
-    return "sdpa"
-
-
-# ---- loops_varlen: transformers attention over torch.nn.attention.varlen.varlen_attn ---------
-
-VARLEN = "loops_varlen"
-VARLEN_IMPLEMENTATIONS = {"flash_attention_2", "flash_attention_3", VARLEN}  # take cu_seq_lens
-
-
-def _varlen_kernel():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-def varlen_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                             attention_mask: Tensor | None, scaling: float | None = None,
-                             dropout: float = 0.0, sliding_window: int | None = None, **kwargs):
-    """A transformers attention function: one packed row, datums delimited by ``cu_seq_lens_q``.
-
-    ``query`` is ``[1, H, N, D]``, ``key``/``value`` ``[1, H_kv, N, D]``; returns ``[1, N, H, D]``.
-    Without ``cu_seq_lens_q`` (an ordinary call) the row is one sequence.
-    """
-    kernel = _varlen_kernel()
-    if query.shape[0] != 1:
-        raise ValueError(f"{VARLEN} attention takes one packed row, got a batch of {query.shape[0]}")
-    n = query.shape[2]
-    cu = kwargs.get("cu_seq_lens_q")
-    max_len = kwargs.get("max_length_q")
-    if cu is None:
-        cu = torch.tensor([0, n], dtype=torch.int32, device=query.device)
-        max_len = n
-    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [N, H, D]
-    params = _parameters(kernel)
-    kw = {"scale": scaling}
-    if k.shape[1] != q.shape[1]:  # grouped-query attention
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if "window_size" in params:  # (left, right); HF's window W lets a query see W keys
-        kw["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
-    else:
-        if sliding_window:
-            raise NotImplementedError(f"{VARLEN}: this torch's varlen_attn has no sliding window")
-        kw["is_causal"] = True
-    out = kernel(q, k, v, cu, cu, max_len, max_len, **kw)
-    return out.unsqueeze(0), None
-
-
-@functools.lru_cache(maxsize=None)
-def _parameters(fn) -> frozenset[str]:
-    # varlen_attn's keywords changed between torch releases (is_causal -> window_size, enable_gqa).
-    return frozenset(inspect.signature(fn).parameters)
-
-
 def _register_varlen() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionInterface.register(VARLEN, _varlen_attention)
 
 
-def _transformers_detects_packing() -> bool:
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        return False
-    return hasattr(masking_utils, "find_packed_sequence_indices")
-
-
-# --------------------------------------------------------------------------------------------
-# Packing: datums -> one row of tokens plus flat loss inputs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PackedBatch:
-    input_ids: Tensor  # [1, N]
-    position_ids: Tensor  # [1, N], restarting at 0 per datum
-    targets: Tensor  # [N, K] int64, -1 pads K and marks inactive targets
-    inputs: dict[str, Tensor]  # flat loss inputs for LossInputs (weights [N, K], others [N])
-    datum: Tensor  # [N] datum index within the batch
-    cu_seq_lens: Tensor  # [B + 1] int32 datum boundaries, for varlen attention
-    lengths: list[int]
-    target_shapes: list[list[int]]  # per datum, to shape the returned logprobs
-
-
-def pack(data: list[Datum], loss_fn: str, config: dict[str, float], device: torch.device) -> PackedBatch:
-    """Concatenate ``data`` into one row; every float input is made finite (0) where inactive."""
-    tokens, positions, datum_ids, lengths, shapes = [], [], [], [], []
-    targets, weights = [], []
-    flat: dict[str, list[Tensor]] = {k: [] for k in ("logprobs", "advantages", "ref_logprobs",
-                                                     "clip_low_threshold", "clip_high_threshold",
-                                                     "sequence_ratio_mask", "sampled_mask")}
-    for i, d in enumerate(data):
-        ids = d.model_input.to_ints()
-        n = len(ids)
-        tokens += ids
-        positions += range(n)
-        datum_ids += [i] * n
-        lengths.append(n)
-        inputs = d.loss_fn_inputs
-        tgt = inputs["target_tokens"].to_torch().long()
-        shapes.append(list(tgt.shape))
-        tgt = tgt.reshape(n, -1)
-        w = inputs["weights"].to_torch().float().reshape(n, -1) if "weights" in inputs else \
-            torch.ones(tgt.shape, dtype=torch.float32)
-        targets.append(tgt)
-        weights.append(w)
-        for key in flat:
-            if key in inputs:
-                flat[key].append(inputs[key].to_torch().float().reshape(n))
-            elif key.startswith("clip_") and key in config:  # ppo/cispo: config where not per-token
-                flat[key].append(torch.full((n,), config[key], dtype=torch.float32))
-            elif key == "sequence_ratio_mask" and loss_fn == "gspo":  # gspo's default mask: all positions
-                flat[key].append(torch.ones(n, dtype=torch.float32))
-            elif key == "sampled_mask" and loss_fn == "stable_reinforce":  # from the provenance spans
-                flat[key].append(torch.tensor(sampled_mask(d), dtype=torch.float32))
-    k = max(t.shape[1] for t in targets)
-    target = torch.cat([nn.functional.pad(t, (0, k - t.shape[1]), value=-1) for t in targets])
-    weight = torch.cat([nn.functional.pad(w, (0, k - w.shape[1])) for w in weights])
-    active = target >= 0
-    row_active = active[:, 0]  # losses other than cross_entropy have K = 1
-    out: dict[str, Tensor] = {"weights": torch.where(active, weight, 0.0)}
-    for key, parts in flat.items():
-        if parts:
-            if len(parts) != len(data):
-                raise ValueError(f"{loss_fn}: loss_fn_inputs[{key!r}] is given for some datums only")
-            out[key] = torch.where(row_active, torch.cat(parts), 0.0)
-    to = dict(device=device, non_blocking=True)
-    return PackedBatch(
-        input_ids=torch.tensor([tokens], dtype=torch.long).to(**to),
-        position_ids=torch.tensor([positions], dtype=torch.long).to(**to),
-        targets=target.to(**to),
-        inputs={key: v.to(**to) for key, v in out.items()},
-        datum=torch.tensor(datum_ids, dtype=torch.long).to(**to),
-        cu_seq_lens=torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(**to),
-        lengths=lengths,
-        target_shapes=shapes,
-    )
-
-
-def micro_batches(data: list[Datum], max_tokens: int, *, paired: bool) -> list[slice]:
-    """Consecutive slices of ``data`` of at most ``max_tokens`` tokens each (a single larger
-    datum gets a slice of its own); dpo pairs are never split."""
-    unit = 2 if paired else 1
-    slices, start, used = [], 0, 0
-    for i in range(0, len(data), unit):
-        n = sum(d.model_input.length for d in data[i:i + unit])
-        if used and used + n > max_tokens:
-            slices.append(slice(start, i))
-            start, used = i, 0
-        used += n
-    slices.append(slice(start, len(data)))
-    return slices
-
-
-def block_causal_mask(position_ids: Tensor, dtype: torch.dtype) -> Tensor:
-    """[1, 1, N, N] additive mask: 0 where query i may attend key j (same datum, j <= i)."""
-    seg = torch.cumsum((position_ids[0] == 0).long(), 0)
-    n = seg.numel()
-    idx = torch.arange(n, device=seg.device)
-    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
-    mask = torch.zeros((n, n), dtype=dtype, device=seg.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
-# --------------------------------------------------------------------------------------------
-# Chunked target logprobs
-# --------------------------------------------------------------------------------------------
-
-
-def _chunk_logprobs(hidden: Tensor, targets: Tensor, lm_head: nn.Module, softcap: float | None) -> Tensor:
-    logits = lm_head(hidden)  # [n, V]: the only full-vocabulary tensor, one chunk's worth
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    picked = logits.gather(-1, targets.clamp(min=0))
-    return picked - torch.logsumexp(logits, dim=-1, keepdim=True)
-
-
-def target_logprobs(hidden: Tensor, lm_head: nn.Module, targets: Tensor, *, chunk_tokens: int,
-                    softcap: float | None = None) -> Tensor:
-    """``log_softmax(lm_head(hidden))`` gathered at ``targets`` ([N, K]; negative = inactive, gets 0).
-
-    Only rows with an active target are computed (a masked prompt costs no ``lm_head``); each
-    chunk runs under checkpoint so that backward recomputes its logits.
-    """
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    out = torch.zeros(targets.shape, dtype=dtype, device=hidden.device)
-    rows = (targets >= 0).any(-1).nonzero().squeeze(-1)
-    if rows.numel() == 0:
-        return out + 0.0 * hidden.sum()  # keep the graph connected; the gradient is zero
-    h, t = hidden[rows], targets[rows]
-    grad = torch.is_grad_enabled() and h.requires_grad
-    parts = []
-    for s in range(0, rows.numel(), chunk_tokens):
-        args = (h[s:s + chunk_tokens], t[s:s + chunk_tokens], lm_head, softcap)
-        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
-                     else _chunk_logprobs(*args))
-    lp = torch.cat(parts)
-    return out.index_put((rows,), torch.where(t >= 0, lp, 0.0))
+def _varlen_attention(*args, **kwargs):
+    # The kernel is looked up in this module on every call (as before the attention function
+    # moved to packing.py), so that a test can swap ``trainer._varlen_kernel`` for a CPU stand-in.
+    return varlen_attention_forward(*args, kernel=_varlen_kernel(), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +135,7 @@ class TorchTrainerEngine(TrainerEngine):
         self.vocab_size = self.base.get_input_embeddings().weight.shape[0]
         self.max_seq_len = max_seq_len or getattr(hf_config, "max_position_embeddings", None)
         self.softcap = getattr(hf_config, "final_logit_softcapping", None)
-        # Who keeps packed datums apart (see the module docstring).
+        # Who keeps packed datums apart (see packing.py).
         self.varlen = self.config.attn_implementation in VARLEN_IMPLEMENTATIONS
         self.explicit_mask = not self.varlen and (
             self.config.packing == "mask" or not _transformers_detects_packing())
@@ -584,14 +358,3 @@ class TorchTrainerEngine(TrainerEngine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-
-def _per_datum_logprobs(lp: Tensor, batch: PackedBatch) -> list[dict[str, TensorData]]:
-    """Split [N, K] logprobs back per datum, NaN where the target is inactive, float32 on CPU."""
-    lp = torch.where(batch.targets >= 0, lp, math.nan).cpu()
-    out, start = [], 0
-    for n, shape in zip(batch.lengths, batch.target_shapes):
-        k = shape[1] if len(shape) == 2 else 1
-        piece = lp[start:start + n, :k].reshape(shape).contiguous()
-        out.append({"logprobs": TensorData.from_torch(piece)})
-        start += n
-    return out

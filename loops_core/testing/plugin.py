@@ -1,6 +1,7 @@
 """The contract suite's pytest plugin (installed as a ``pytest11`` entry point).
 
-Choose backends with ``--loops-backends fake,local`` or ``LOOPS_TEST_BACKENDS`` (default ``fake``).
+Choose backends with ``--loops-backends fake,local`` or ``LOOPS_TEST_BACKENDS`` (default ``fake``);
+a test module that sets ``LOOPS_CONTRACT_BACKENDS = ["name"]`` runs its tests on those instead.
 A third-party backend runs the suite with::
 
     LOOPS_TEST_BACKENDS=mycloud pytest --pyargs loops_core.testing.contract
@@ -43,7 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend_name" in metafunc.fixturenames:
-        names = _selected(metafunc.config)
+        # A test module may pin its backends (e.g. a module that runs the suite against an emulator).
+        names = getattr(metafunc.module, "LOOPS_CONTRACT_BACKENDS", None) or _selected(metafunc.config)
         metafunc.parametrize("backend_name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in names],
                              scope="session")
 
