@@ -9,12 +9,12 @@ most ``batch_wait_ms`` for more, and decodes them as one left-padded batch with 
 one batch may ask for different adapter versions (peft's mixed-adapter batches: the ``adapter_names``
 forward kwarg, one name per row, ``"__base__"`` for the base model) and different sampling settings.
 
-Sampling is per row: temperature (< 1e-5 means greedy), top-k, top-p, and a row-local
-``torch.Generator`` seeded with the request seed (+ i for the i-th of ``n`` samples; a random seed
-when None). Tokens are drawn by the exponential form of Gumbel-max, ``argmax(p / E)`` with
-``E ~ Exp(1)`` over the vocabulary from the row's own generator, so a row's draw depends only on its
-own probabilities and seed, never on the other rows of the batch. Logprobs are those of the sampled
-token under ``softmax(logits / T)`` over the full vocabulary (``T = 1`` when greedy), in float32.
+Sampling is per row (``sampling_math.py``): temperature (< 1e-5 means greedy), top-k, top-p, and
+a row-local ``torch.Generator`` seeded with the request seed (+ i for the i-th of ``n`` samples; a
+random seed when None), drawn by Gumbel-max, so a row's draw depends only on its own probabilities
+and seed, never on the other rows of the batch. Logprobs are those of the sampled token under
+``softmax(logits / T)`` over the full vocabulary (``T = 1`` when greedy), in float32. Mixed-adapter
+batches run on our own LoRA row hooks when they can (``lora_rows.py``), else on peft's.
 
 Determinism: the same seed gives the same tokens for the same inputs and logits. Rows are
 computed independently, but a GPU's matrix kernels (bf16 especially) can round differently for
@@ -26,7 +26,6 @@ seeded requests run in batches of their own, which gives identical results on ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import secrets
@@ -40,12 +39,13 @@ from typing import Any
 
 from loops_core.engine import GeneratedSequence, GenerationRequest, GenerationResult, SamplerEngine
 
+from .lora_rows import BASE as _BASE
+from .lora_rows import RowLoRA
+from .sampling_math import check_stop, prompt_logprobs, sample
+
 logger = logging.getLogger(__name__)
 
 _SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM does)
-_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-# Prompt logprobs are computed over at most this many float32 logits at once.
-_PROMPT_LOGITS_BUDGET = 1 << 25  # 128 MiB of float32
 
 
 def _resolve_model_path(base_model: str) -> str:
@@ -126,7 +126,7 @@ class HFSamplerEngine(SamplerEngine):
 
     ``lora_fast_path`` (default on): apply plain LoRA adapters with our own row-slice hooks
     rather than peft's ``adapter_names`` mixed batches (same math, far fewer GPU syncs; see
-    ``_refresh_lora_mode``). ``strict_seeds``: run each seeded request in a batch of its own, for
+    ``lora_rows.py``). ``strict_seeds``: run each seeded request in a batch of its own, for
     bit-identical repeats on GPUs whose kernels round differently with the batch size.
     """
 
@@ -175,9 +175,7 @@ class HFSamplerEngine(SamplerEngine):
 
         self.lora_fast_path = bool(lora_fast_path)
         self.strict_seeds = bool(strict_seeds)
-        self._fast = False  # LoRA deltas applied by our own hooks (see _refresh_lora_mode)
-        self._lora_plan: list[tuple[str, int, int]] | None = None
-        self._hook_handles: list[Any] = []
+        self._lora = RowLoRA()  # how rows of one batch get their own adapters
         self._loaded: set[int] = set()  # versions whose load finished (read from the event loop)
         self.num_batches = 0
         self.batch_sizes: deque[int] = deque(maxlen=1000)
@@ -192,6 +190,11 @@ class HFSamplerEngine(SamplerEngine):
     @property
     def loaded_versions(self) -> list[int]:
         return sorted(self._loaded)
+
+    @property
+    def _fast(self) -> bool:
+        """Whether mixed-adapter batches run on our own LoRA row hooks (see ``lora_rows.py``)."""
+        return self._lora.fast
 
     @staticmethod
     def _find_eos_ids(model, tokenizer) -> list[int]:
@@ -449,7 +452,7 @@ class HFSamplerEngine(SamplerEngine):
         self._peft.eval()
         self._lm_head = self._base.get_output_embeddings()
         self._decoder = self._base.get_decoder()
-        self._refresh_lora_mode()
+        self._lora.refresh(self._peft, self.lora_fast_path)
 
     def _do_unload(self, version: int) -> None:
         name = _adapter_name(version)
@@ -462,98 +465,12 @@ class HFSamplerEngine(SamplerEngine):
             self._model = self._base
             self._lm_head = self._base.get_output_embeddings()
             self._decoder = self._base.get_decoder()
-            self._refresh_lora_mode()
+            self._lora.refresh(self._peft, self.lora_fast_path)
             return
         with warnings.catch_warnings():  # "Adapter vN was active which is now deleted"
             warnings.simplefilter("ignore")
             self._peft.delete_adapter(name)
-        self._refresh_lora_mode()
-
-    def _refresh_lora_mode(self) -> None:
-        """Choose how mixed-adapter batches run, after the set of adapters changed.
-
-        peft's own mixed batches (``adapter_names``) index each LoRA layer's input with a Python
-        list of rows per adapter, which costs a host-to-device copy, and so a stream sync, per
-        layer and adapter. When every adapter layer is a plain ``lora.Linear`` (no DoRA or other
-        variant, no ``modules_to_save``), we instead keep peft's adapter layers disabled (each
-        computes only its base layer) and add ``B(A(x)) * scaling`` ourselves in a forward hook,
-        on contiguous row slices (``_run_batch`` orders rows by adapter). Otherwise, or with
-        ``lora_fast_path=False``, peft's ``adapter_names`` path is used.
-        """
-        for h in self._hook_handles:
-            h.remove()
-        self._hook_handles = []
-        self._fast = False
-        if self._peft is None:
-            return
-        from peft.tuners.lora.layer import Linear as LoraLinear
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        try:
-            from peft.utils.other import AuxiliaryTrainingWrapper
-        except ImportError:  # pragma: no cover - older peft
-            AuxiliaryTrainingWrapper = ()  # type: ignore[assignment]
-        ok = self.lora_fast_path
-        layers = []
-        for mod in self._peft.modules():
-            if isinstance(mod, AuxiliaryTrainingWrapper):
-                ok = False
-            elif isinstance(mod, BaseTunerLayer):
-                if type(mod) is not LoraLinear or getattr(mod, "lora_variant", None) \
-                        or getattr(mod, "merged", False):
-                    ok = False
-                else:
-                    layers.append(mod)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if ok:
-                self._peft.base_model.disable_adapter_layers()
-            else:
-                self._peft.base_model.enable_adapter_layers()
-        if ok:
-            for mod in layers:
-                self._hook_handles.append(
-                    mod.register_forward_hook(self._lora_hook, with_kwargs=True))
-            self._fast = True
-
-    def _lora_hook(self, module, args, kwargs, output):
-        plan = self._lora_plan
-        if not plan:
-            return None
-        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-        for name, a, b in plan:
-            if name not in module.lora_A:
-                continue
-            lora_A = module.lora_A[name]
-            xa = x[a:b]
-            if xa.dtype != lora_A.weight.dtype:
-                xa = xa.to(lora_A.weight.dtype)
-            delta = module.lora_B[name](lora_A(module.lora_dropout[name](xa))) * module.scaling[name]
-            output[a:b] += delta.to(output.dtype)
-        return None
-
-    @contextlib.contextmanager
-    def _fast_adapters(self, names: list[str]):
-        plan: list[tuple[str, int, int]] = []
-        start = 0
-        for i in range(1, len(names) + 1):
-            if i == len(names) or names[i] != names[start]:
-                if names[start] != _BASE:
-                    plan.append((names[start], start, i))
-                start = i
-        self._lora_plan = plan
-        try:
-            yield
-        finally:
-            self._lora_plan = None
-
-    def _adapters(self, names: list[str]):
-        """Context in which the model's forward uses adapter ``names[i]`` for batch row ``i``."""
-        if self._peft is None:
-            return contextlib.nullcontext()
-        if self._fast:
-            return self._fast_adapters(list(names))
-        return self._peft._enable_peft_forward_hooks(adapter_names=list(names))
+        self._lora.refresh(self._peft, self.lora_fast_path)
 
     def _logits(self, hidden):
         logits = self._lm_head(hidden).float()
@@ -593,7 +510,7 @@ class HFSamplerEngine(SamplerEngine):
             names = [r.job.adapter for r in rows]
 
             cache = self._new_cache()
-            with self._adapters(names):
+            with self._lora.adapters(self._peft, names):
                 out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
                                     past_key_values=cache, use_cache=True)
                 hidden = out.last_hidden_state
@@ -619,7 +536,7 @@ class HFSamplerEngine(SamplerEngine):
             finished_since_prune = B - len(active)
             while active:
                 act_rows = [rows[cur[j]] for j in range(len(cur))]
-                toks, lps = self._sample(logits, act_rows)
+                toks, lps = sample(logits, act_rows)
                 for j, r in enumerate(act_rows):
                     if r.done:
                         continue
@@ -630,7 +547,7 @@ class HFSamplerEngine(SamplerEngine):
                     t = toks[j]
                     r.tokens.append(t)
                     r.logprobs.append(lps[j])
-                    self._check_stop(r, t, eos)
+                    check_stop(r, t, eos, self.tokenizer)
                     if r.done:
                         finished_since_prune += 1
                         self._finish_row(r)
@@ -650,7 +567,7 @@ class HFSamplerEngine(SamplerEngine):
                     finished_since_prune = 0
                 step_ids = torch.tensor(toks, dtype=torch.long).to(dev)[:, None]
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                with self._adapters(names):
+                with self._lora.adapters(self._peft, names):
                     out = self._decoder(input_ids=step_ids, attention_mask=mask,
                                         position_ids=next_pos[:, None], past_key_values=cache,
                                         use_cache=True)
@@ -670,89 +587,11 @@ class HFSamplerEngine(SamplerEngine):
 
     def _prompt_logprobs(self, row: _Row, hidden, name: str) -> None:
         """Prompt logprobs (temperature 1) of ``row``'s prompt from its prefill hidden states."""
-        import torch
-
         job = row.job
-        prompt = job.req.prompt
-        k = int(job.req.prompt_logprobs or 0)
-        k = min(k, self.vocab_size)
-        P = len(prompt)
-        lps: list[float | None] = [None]
-        tops: list[list[tuple[int, float]] | None] | None = [None] if k > 0 else None
-        if P > 1:
-            targets = torch.tensor(prompt[1:], dtype=torch.long, device=hidden.device)
-            chunk = max(1, _PROMPT_LOGITS_BUDGET // max(1, self.vocab_size))
-            with self._adapters([name]):
-                for s in range(0, P - 1, chunk):
-                    e = min(P - 1, s + chunk)
-                    logp = torch.log_softmax(self._logits(hidden[None, s:e, :])[0], dim=-1)
-                    lps.extend(logp.gather(1, targets[s:e, None])[:, 0].tolist())
-                    if k > 0:
-                        v, ix = torch.topk(logp, k, dim=-1, sorted=True)
-                        for vv, ii in zip(v.tolist(), ix.tolist()):
-                            tops.append(list(zip(ii, vv)))
-                    del logp
-        job.prompt_logprobs = lps
-        job.prompt_topk = tops
-
-    def _sample(self, logits, rows: list[_Row]) -> tuple[list[int], list[float]]:
-        """One token per row of ``logits`` [B, V] (float32), with its logprob."""
-        import torch
-
-        B, V = logits.shape
-        dev = logits.device
-        temps = torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=dev)
-        logp = torch.log_softmax(logits / temps[:, None], dim=-1)
-        tok = logits.argmax(dim=-1)
-        # Rows that draw at random (top_k == 1 is the argmax whatever the temperature).
-        samp = [j for j, r in enumerate(rows) if not r.greedy and r.top_k != 1 and not r.done]
-        if samp:
-            probs = logp[samp].exp()
-            # top-k / top-p: zero the tokens outside the kept set (rank order: stable sort).
-            filt = [i for i, j in enumerate(samp) if 0 < rows[j].top_k < V or rows[j].top_p < 1.0]
-            if filt:
-                fi = torch.tensor(filt, dtype=torch.long, device=dev)
-                ks = torch.tensor([rows[samp[i]].top_k if 0 < rows[samp[i]].top_k < V else V
-                                   for i in filt], device=dev)
-                ps = torch.tensor([rows[samp[i]].top_p for i in filt], dtype=torch.float32,
-                                  device=dev)
-                sp, si = torch.sort(probs[fi], dim=-1, descending=True, stable=True)
-                keep = torch.arange(V, device=dev)[None, :] < ks[:, None]
-                keep &= (sp.cumsum(-1) - sp) < ps[:, None]  # mass of the better tokens < p
-                keep[:, 0] = True
-                keep_v = torch.zeros_like(keep).scatter_(1, si, keep)
-                probs[fi] = probs[fi] * keep_v
-            # Gumbel-max in its exponential form: argmax(p / E), E ~ Exp(1) drawn over the whole
-            # vocabulary from the row's own generator, so a row's draw depends on its own
-            # probabilities and seed only, and a small perturbation of the logits rarely
-            # changes the winner.
-            q = torch.empty_like(probs)
-            for i, j in enumerate(samp):
-                q[i].exponential_(generator=rows[j].generator)
-            chosen = (probs / q.clamp_(min=1e-30)).argmax(dim=-1)
-            tok[torch.tensor(samp, dtype=torch.long, device=dev)] = chosen
-        lp = logp.gather(1, tok[:, None])[:, 0]
-        return tok.tolist(), lp.tolist()
-
-    def _check_stop(self, r: _Row, t: int, eos: set[int]) -> None:
-        req = r.job.req
-        if t in req.stop_token_ids or (req.stop_at_eos and t in eos):
-            r.done, r.finish_reason = True, "stop"
-            return
-        if req.stop:
-            longest = max(len(s) for s in req.stop)
-            # The new token can only complete a stop string in the last few characters; a byte
-            # level token is at least one byte, so 4 tokens per character (plus slack) suffice.
-            tail = self.tokenizer.decode(r.tokens[-(4 * longest + 8):], skip_special_tokens=True)
-            if any(s and s in tail for s in req.stop):
-                text = self.decode(r.tokens)
-                hits = [text.find(s) for s in req.stop if s and s in text]
-                if hits:
-                    r.text = text[:min(hits)]
-                    r.done, r.finish_reason = True, "stop"
-                    return
-        if len(r.tokens) >= r.max_new:
-            r.done, r.finish_reason = True, "length"
+        k = min(int(job.req.prompt_logprobs or 0), self.vocab_size)
+        job.prompt_logprobs, job.prompt_topk = prompt_logprobs(
+            hidden, job.req.prompt, k, self.vocab_size, self._logits,
+            self._lora.adapters(self._peft, [name]))
 
     def _finish_row(self, r: _Row) -> None:
         job = r.job
