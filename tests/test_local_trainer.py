@@ -359,7 +359,7 @@ def test_unknown_model_is_a_clear_error_offline(tmp_path, monkeypatch):
 def test_engine_attributes(engine, model_dir):
     assert engine.base_model == "loops/tiny-qwen3"
     assert engine.arch == "Qwen3ForCausalLM"
-    assert engine.tokenizer_id == str(model_dir)
+    assert engine.tokenizer_id == "loops/tiny-qwen3"  # named, so a client elsewhere resolves its own copy
     assert engine.vocab_size == 2048 and engine.max_seq_len == 2048
     assert engine.lora_rank == RANK
     assert all(".lora_" in n for n, _ in engine.named_params)

@@ -41,7 +41,7 @@ from .losses_torch import LOSS_FUNCTIONS, LossInputs, combine_stats
 from .packing import (VARLEN, VARLEN_IMPLEMENTATIONS, PackedBatch, _default_attention,
                       _per_datum_logprobs, _transformers_detects_packing, _varlen_kernel,
                       block_causal_mask, micro_batches, pack, varlen_attention_forward)
-from .tiny_model import model_not_found, resolve_model_path
+from .tiny_model import TINY_MODEL_NAME, model_not_found, resolve_model_path
 
 ADAPTER = "default"  # peft adapter name; part of the stable parameter names in saved state
 STATE_META = "trainer_state.json"
@@ -128,8 +128,11 @@ class TorchTrainerEngine(TrainerEngine):
 
         # 2. Load the base model, frozen, in eval mode (no dropout: RL ratios need exact logprobs).
         self.base_model = base_model
-        self.tokenizer_id = resolve_model_path(base_model)
-        self.base = self._load_base(self.tokenizer_id)
+        # The tiny model is named, not located: a client on another machine (Modal) resolves the
+        # name to its own copy, where this container's directory would not exist.
+        model_path = resolve_model_path(base_model)
+        self.tokenizer_id = TINY_MODEL_NAME if base_model == TINY_MODEL_NAME else model_path
+        self.base = self._load_base(model_path)
         hf_config = self.base.config
         self.arch = (getattr(hf_config, "architectures", None) or [type(self.base).__name__])[0]
         self.vocab_size = self.base.get_input_embeddings().weight.shape[0]
