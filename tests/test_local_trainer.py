@@ -784,3 +784,35 @@ def test_learns_paris(engine, tok):
     assert last.loss < 0.05, last.loss
     assert all(lp > -0.05 for lp in last.loss_fn_outputs[0]["logprobs"].tolist() if not math.isnan(lp))
     assert elapsed < 30
+
+
+def test_equal_length_datums_run_as_a_batch_with_the_same_results(eng, monkeypatch):
+    """Equal lengths take the [B, L] path (no block mask, no padding); values and gradients must
+    equal those of each datum run alone."""
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for _ in range(3):
+        ids = torch.randint(3, 2048, (9,), generator=g).tolist()
+        data.append(datum(ids[:-1], target_tokens=ids[1:]))
+    config = resolve_config("cross_entropy", {})
+    shapes = []
+    real = eng.decoder.forward
+
+    def spy(*a, **kw):
+        shapes.append(tuple(kw["input_ids"].shape))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eng.decoder, "forward", spy)
+    zero_grads(eng)
+    batched = eng.forward_backward(data, "cross_entropy", config, backward=True)
+    together = grads(eng)
+    assert shapes[-1] == (3, 8), shapes
+    zero_grads(eng)
+    for d, out in zip(data, batched.loss_fn_outputs):
+        alone = eng.forward_backward([d], "cross_entropy", config, backward=True)
+        assert_lp(out["logprobs"], alone.loss_fn_outputs[0]["logprobs"].to_torch(), tol=CLOSE)
+    assert_same_grads(together, grads(eng))
+    uneven = [data[0], datum(data[1].model_input.to_ints()[:-1],
+                             target_tokens=data[1].loss_fn_inputs["target_tokens"].data[:-1])]
+    eng.forward_backward(uneven, "cross_entropy", config, backward=False)
+    assert shapes[-1] == (1, 15), "unequal lengths are packed into one row"

@@ -53,9 +53,10 @@ class ServerProcess:
         self._log_file = open(log, "ab")
         cmd = [sys.executable, "-m", "loops_core.cli", f"serve-{role}", *args, "--parent-pid", str(os.getpid())]
         env = dict(os.environ)
-        # The trainer and the sampler share the CPU: each gets half the cores, or torch's spinning
-        # threads make small ops many times slower (no effect on CUDA work).
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+        if role == "sampler":
+            # On CPU the sampler shares the cores with the trainer, which does most of the work;
+            # half the cores keeps torch's spinning threads from starving it (no effect on CUDA).
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log_file, stdin=subprocess.DEVNULL,
                                      start_new_session=True, env=env)  # our Ctrl-C goes to us; we stop the child
         self.url: str | None = None

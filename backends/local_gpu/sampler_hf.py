@@ -56,6 +56,9 @@ def _resolve_model_path(base_model: str) -> str:
     return resolve_model_path(base_model)
 
 
+BURST_WINDOW_S = 0.05  # the longest a batch waits for the rest of a burst of requests
+
+
 def _adapter_name(version: int) -> str:
     return f"v{version}"
 
@@ -368,8 +371,11 @@ class HFSamplerEngine(SamplerEngine):
                     control = item
                     continue
                 pending.extend(item)
-            # Gather more work, until the batch is full or the wait is over.
-            deadline = time.monotonic() + self.batch_wait_s
+            # Gather more work until the batch is full or no request came for batch_wait_s. The
+            # window slides while requests keep arriving (a burst of concurrent HTTP requests
+            # spreads over tens of ms), bounded so a steady trickle cannot hold a batch back.
+            start = time.monotonic()
+            deadline = start + self.batch_wait_s
             while control is None and len(pending) < self.max_batch_size:
                 left = deadline - time.monotonic()
                 try:
@@ -380,6 +386,7 @@ class HFSamplerEngine(SamplerEngine):
                     control = item  # runs once everything queued before it is done
                     break
                 pending.extend(item)
+                deadline = min(time.monotonic() + self.batch_wait_s, start + BURST_WINDOW_S)
             batch = self._take_batch(pending)
             if not batch:
                 continue

@@ -261,6 +261,14 @@ class TorchTrainerEngine(TrainerEngine):
             longest = max(batch.lengths)
             kw = dict(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
                       max_length_q=longest, max_length_k=longest)
+        elif len(set(batch.lengths)) == 1:
+            # Equal lengths: a [B, L] batch is the same computation with no padding and no block
+            # mask, so sdpa takes its fused causal path (B * L^2 attention, not (B * L)^2).
+            shape = (len(batch.lengths), batch.lengths[0])
+            hidden = self.decoder(input_ids=batch.input_ids.view(shape), position_ids=batch.position_ids.view(shape),
+                                  use_cache=False).last_hidden_state
+            return target_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.lm_head, batch.targets,
+                                   chunk_tokens=self.config.logprob_chunk_tokens, softcap=self.softcap)
         elif self.explicit_mask:
             kw = dict(attention_mask=block_causal_mask(batch.position_ids, self.dtype))
         hidden = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
