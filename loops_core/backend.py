@@ -13,8 +13,10 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import InvalidRequestError
-from .types import CheckpointFilesResponse, Checkpoint, ServerCapabilities
+from pathlib import Path
+
+from .errors import APIStatusError, InvalidRequestError, NotFoundError
+from .types import Checkpoint, CheckpointDownload, CheckpointFile, CheckpointFilesResponse, ServerCapabilities
 from .wire import Endpoint
 
 # Capabilities a backend may declare; the contract suite skips what a backend does not declare.
@@ -87,6 +89,28 @@ class Backend(abc.ABC):
     async def get_checkpoint_archive_url(self, checkpoint_id: str, page_size: int = 1000,
                                          page_token: int = 0) -> CheckpointFilesResponse:
         raise NotImplementedError(f"the {self.name!r} backend does not serve checkpoint files")
+
+    async def list_checkpoint_files(self, checkpoint_id: str, page_size: int = 1000) -> list[CheckpointFile]:
+        """Every file of a checkpoint: all pages of ``get_checkpoint_archive_url``."""
+        files: list[CheckpointFile] = []
+        token: int | None = 0
+        while token is not None:
+            page = await self.get_checkpoint_archive_url(checkpoint_id, page_size, token)
+            files += page.presigned_urls
+            if page.next_page_token is not None and page.next_page_token <= token:
+                raise APIStatusError(f"checkpoint {checkpoint_id!r}: the file listing's page token does not advance",
+                                     status_code=200)
+            token = page.next_page_token
+        return files
+
+    async def download_checkpoint(self, checkpoint_id: str, dest_dir: str | Path) -> CheckpointDownload:
+        """Download every file of a checkpoint into ``dest_dir`` (new or empty)."""
+        from .download import download_files
+
+        files = await self.list_checkpoint_files(checkpoint_id)
+        if not files:
+            raise NotFoundError(f"checkpoint {checkpoint_id!r} has no files", status_code=404)
+        return await download_files(files, dest_dir)
 
     def load_tokenizer(self, tokenizer_id: str) -> Any:
         """The tokenizer for ``tokenizer_id`` (default: the shared resolver)."""

@@ -7,6 +7,7 @@ the clients it returns are the same classes on every backend.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from .backend import Backend, BackendConfig, SamplerHandle, TrainerHandle, check_rank
@@ -16,7 +17,8 @@ from .futures import ClientLifecycle, on_loop, run_sync
 from .plugins import load_backend, resolve_backend_name
 from .sampling_client import SamplingClient
 from .training_client import TrainingClient
-from .types import Checkpoint, CheckpointFilesResponse, GetInfoResponse, ServerCapabilities, WandbConfig
+from .types import (Checkpoint, CheckpointDownload, CheckpointFilesResponse, GetInfoResponse, ServerCapabilities,
+                    WandbConfig)
 from .wire import WireClient
 
 
@@ -155,6 +157,19 @@ class ServiceClient(ClientLifecycle):
         if not isinstance(checkpoint_id, str) or not checkpoint_id:
             raise InvalidRequestError("checkpoint_id must be a non-empty string", field="checkpoint_id")
         return await self._backend.get_checkpoint_archive_url(checkpoint_id, page_size, page_token)
+
+    def download_checkpoint(self, checkpoint_id: str, *, dest_dir: str | Path) -> CheckpointDownload:
+        """Download every file of a checkpoint into ``dest_dir`` (which must be new or empty)."""
+        return run_sync(self._download(checkpoint_id, dest_dir))
+
+    async def download_checkpoint_async(self, checkpoint_id: str, *, dest_dir: str | Path) -> CheckpointDownload:
+        """Async version of ``download_checkpoint``."""
+        return await on_loop(self._download(checkpoint_id, dest_dir))
+
+    async def _download(self, checkpoint_id: str, dest_dir: str | Path) -> CheckpointDownload:
+        if not isinstance(checkpoint_id, str) or not checkpoint_id:
+            raise InvalidRequestError("checkpoint_id must be a non-empty string", field="checkpoint_id")
+        return await self._backend.download_checkpoint(checkpoint_id, dest_dir)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:

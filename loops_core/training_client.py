@@ -12,13 +12,14 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import InvalidRequestError, NotFoundError, SamplerVersionError
 from .futures import APIFuture, ClientLifecycle, ForwardBackwardFuture, on_loop, run_sync, submit
 from .losses import validate_batch
 from .sampling_client import SamplingClient
-from .types import (AdamParams, Checkpoint, CheckpointFilesResponse, Datum, ForwardBackwardOutput,
+from .types import (AdamParams, Checkpoint, CheckpointDownload, CheckpointFilesResponse, Datum, ForwardBackwardOutput,
                     GetInfoResponse, InitTrainerServerResponse, LoadWeightsResponse, OptimStepResponse,
                     SaveWeightsForSamplerResponse, SaveWeightsResponse, TensorData, WandbConfig)
 from .wire import Endpoint, WireClient
@@ -370,6 +371,19 @@ class TrainingClient(ClientLifecycle):
         if self._service is None:
             raise NotFoundError("checkpoint files need a ServiceClient-created TrainingClient", status_code=404)
         return await self._service._archive(checkpoint_id, page_size, page_token)
+
+    def download_checkpoint(self, checkpoint_id: str, *, dest_dir: str | Path) -> CheckpointDownload:
+        """Download every file of a checkpoint of this run into ``dest_dir`` (new or empty)."""
+        return run_sync(self._download(checkpoint_id, dest_dir))
+
+    async def download_checkpoint_async(self, checkpoint_id: str, *, dest_dir: str | Path) -> CheckpointDownload:
+        """Async version of ``download_checkpoint``."""
+        return await on_loop(self._download(checkpoint_id, dest_dir))
+
+    async def _download(self, checkpoint_id: str, dest_dir: str | Path) -> CheckpointDownload:
+        if self._service is None:
+            raise NotFoundError("checkpoint downloads need a ServiceClient-created TrainingClient", status_code=404)
+        return await self._service._download(checkpoint_id, dest_dir)
 
     # ---- info -----------------------------------------------------------------------------------
     def get_tokenizer(self) -> Any:

@@ -486,6 +486,73 @@ def test_peft_mixed_batch_path_and_strict_seeds(tok, adapter_dirs, ref_adapters,
     _check_against(ref, p, s3.sequences[1], temperature=1.0)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_requests_join_a_running_batch(fast, tok, adapter_dirs):
+    """Continuous batching: requests arriving while a batch decodes join it at a step boundary
+    (prefilled apart, KV caches merged, rows regrouped by adapter) and get exactly what they get
+    alone."""
+    from loops_backends.local_gpu.sampler_hf import HFSamplerEngine
+
+    long_req = GenerationRequest(prompt=_enc(tok, PROMPTS[1]), max_tokens=60, temperature=1.0,
+                                 seed=21, stop_at_eos=False)
+    joiners = [
+        GenerationRequest(prompt=_enc(tok, PROMPTS[0]), n=2, max_tokens=8, temperature=0.9,
+                          seed=1, stop_at_eos=False, adapter=2),
+        GenerationRequest(prompt=_enc(tok, PROMPTS[2]), max_tokens=5, temperature=0.0,
+                          prompt_logprobs=2, adapter=1),
+        GenerationRequest(prompt=_enc(tok, PROMPTS[3]), max_tokens=11, temperature=1.3, top_k=20,
+                          seed=2, stop_at_eos=False),
+        GenerationRequest(prompt=_enc(tok, PROMPTS[1]) * 2, max_tokens=6, temperature=0.7,
+                          top_p=0.9, seed=3, stop_at_eos=False, adapter=2),
+        GenerationRequest(prompt=_enc(tok, PROMPTS[0]), max_tokens=0, prompt_logprobs=0),
+    ]
+
+    async def go():
+        eng = HFSamplerEngine("loops/tiny-qwen3", device=DEVICE, dtype=DTYPE, batch_wait_ms=5,
+                              lora_fast_path=fast)
+        try:
+            await eng.load_adapter(1, adapter_dirs[1])
+            await eng.load_adapter(2, adapter_dirs[2])
+            assert eng._fast == fast
+            alone = [await eng.generate(r) for r in [long_req, *joiners]]
+            batches, merges, steps = eng.num_batches, eng.merges, eng.steps_run
+            done: list[int] = []
+
+            async def tracked(i, r):
+                res = await eng.generate(r)
+                done.append(i)
+                return res
+
+            first = asyncio.ensure_future(tracked(0, long_req))
+            while eng.steps_run < steps + 3:
+                await asyncio.sleep(0.001)
+            rest = await asyncio.gather(*[tracked(i + 1, r) for i, r in enumerate(joiners)])
+            together = [await first, *rest]
+            return (alone, together, done, eng.num_batches - batches, eng.merges - merges,
+                    max(list(eng.batch_sizes)[-1:]))
+        finally:
+            await eng.aclose()
+
+    alone, together, done, n_batches, n_merges, size = run(go())
+    assert n_batches == 1 and n_merges >= 1  # all joined the long request's batch
+    assert size >= 3
+    assert done[-1] == 0  # the long one finished last: the others did not wait for it
+    exact = DEVICE == "cpu" and DTYPE == "float32"
+    for x, y in zip(alone, together):
+        assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
+        assert [s.finish_reason for s in x.sequences] == [s.finish_reason for s in y.sequences]
+        for sx, sy in zip(x.sequences, y.sequences):
+            if exact:
+                assert sx.logprobs == sy.logprobs
+            else:
+                assert torch.allclose(torch.tensor(sx.logprobs), torch.tensor(sy.logprobs),
+                                      atol=TOL)
+        if x.prompt_logprobs is not None:
+            assert x.prompt_logprobs == y.prompt_logprobs if exact else torch.allclose(
+                torch.tensor(x.prompt_logprobs[1:]), torch.tensor(y.prompt_logprobs[1:]),
+                atol=TOL)
+
+
 def test_cancelled_request_does_not_disturb_others(engine, tok):
     p = _enc(tok, PROMPTS[0])
 

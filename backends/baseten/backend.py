@@ -33,7 +33,7 @@ from loops_core.wire import Endpoint, WireClient
 
 from .control_plane import (DEFAULT_BASE_URL, ENV_API_KEY, ENV_BASE_URL, ControlPlane, DeploymentFailedError,
                             RetryPolicy)
-from .download import download_files
+from loops_core.download import download_files
 from .models import RunRecord, SamplerRecord
 from .readiness import HEARTBEAT_S, Heartbeat, wait_for_sampler, wait_for_trainer
 

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import random
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -35,7 +34,7 @@ from loops_core import __version__
 from loops_core.errors import (APIConnectionError, APIError, APIStatusError, APITimeoutError, AuthenticationError,
                                InvalidRequestError, LoopsError)
 from loops_core.types import Checkpoint, CheckpointFile, CheckpointFilesResponse, ServerCapabilities
-from loops_core.wire import error_text, raise_for_status, translate_errors
+from loops_core.wire import error_text, raise_for_status, ssl_context, translate_errors
 
 from .models import (CheckpointList, RunEnvelope, RunRecord, SamplerDeployment, SamplerEnvelope, SamplerRecord,
                      SessionEnvelope, SessionRecord, TrainerDeploymentEnvelope)
@@ -50,12 +49,6 @@ CREATE_TIMEOUT = 300.0  # session / trainer / sampler creation can wait on capac
 READ_TIMEOUT = 60.0
 
 M = TypeVar("M", bound=BaseModel)
-
-
-@lru_cache(maxsize=1)
-def ssl_context() -> Any:
-    """One TLS context for all our clients: building one (loading the CA bundle) costs ~0.15 s."""
-    return httpx.create_ssl_context()
 
 
 class DeploymentFailedError(APIError):

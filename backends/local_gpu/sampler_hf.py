@@ -39,6 +39,7 @@ from typing import Any
 
 from loops_core.engine import GeneratedSequence, GenerationRequest, GenerationResult, SamplerEngine
 
+from . import kv_merge
 from .lora_rows import BASE as _BASE
 from .lora_rows import RowLoRA
 from .sampling_math import check_stop, prompt_logprobs, sample
@@ -182,7 +183,11 @@ class HFSamplerEngine(SamplerEngine):
         self._loaded: set[int] = set()  # versions whose load finished (read from the event loop)
         self.num_batches = 0
         self.batch_sizes: deque[int] = deque(maxlen=1000)
+        self.merges = 0  # times queued rows joined a running batch
+        self.steps_run = 0  # decode steps (batched forwards of one token per row) run so far
         self._queue: queue.Queue = queue.Queue()
+        self._pending: deque[_Row] = deque()  # rows taken off the queue, not yet in a batch
+        self._ctl: _Control | None = None  # a control item waiting for the rows ahead of it
         self._closed = False
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._worker, name="loops-hf-sampler", daemon=True)
@@ -342,6 +347,11 @@ class HFSamplerEngine(SamplerEngine):
         except BaseException as e:  # pragma: no cover - a bug; fail whoever still waits
             logger.exception("HF sampler worker died")
             self._dead = e
+            for r in self._pending:
+                self._resolve(r.job.loop, r.job.future, exc=e)
+            self._pending.clear()
+            if self._ctl is not None and self._ctl.loop is not None:
+                self._resolve(self._ctl.loop, self._ctl.future, exc=e)
             while True:
                 try:
                     item = self._queue.get_nowait()
@@ -355,35 +365,34 @@ class HFSamplerEngine(SamplerEngine):
                         self._resolve(r.job.loop, r.job.future, exc=e)
 
     def _worker_loop(self) -> None:
-        pending: deque[_Row] = deque()
-        control: _Control | None = None
+        pending = self._pending
         while True:
             if not pending:
-                if control is not None:
-                    stop = control.kind == "stop"
+                if self._ctl is not None:
+                    control, self._ctl = self._ctl, None
                     self._run_control(control)
-                    control = None
-                    if stop:
+                    if control.kind == "stop":
                         return
                     continue
                 item = self._queue.get()
                 if isinstance(item, _Control):
-                    control = item
+                    self._ctl = item
                     continue
                 pending.extend(item)
             # Gather more work until the batch is full or no request came for batch_wait_s. The
             # window slides while requests keep arriving (a burst of concurrent HTTP requests
             # spreads over tens of ms), bounded so a steady trickle cannot hold a batch back.
+            # Requests arriving later join the running batch between decode steps (_join).
             start = time.monotonic()
             deadline = start + self.batch_wait_s
-            while control is None and len(pending) < self.max_batch_size:
+            while self._ctl is None and len(pending) < self.max_batch_size:
                 left = deadline - time.monotonic()
                 try:
                     item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if isinstance(item, _Control):
-                    control = item  # runs once everything queued before it is done
+                    self._ctl = item  # runs once everything queued before it is done
                     break
                 pending.extend(item)
                 deadline = min(time.monotonic() + self.batch_wait_s, start + BURST_WINDOW_S)
@@ -391,7 +400,7 @@ class HFSamplerEngine(SamplerEngine):
             if not batch:
                 continue
             try:
-                self._run_batch(batch)
+                self._run_batch(batch)  # appends the rows that joined it to ``batch``
             except BaseException as e:  # noqa: BLE001 - report to every caller of the batch
                 logger.exception("HF sampler batch failed")
                 for job in {id(r.job): r.job for r in batch}.values():
@@ -422,6 +431,31 @@ class HFSamplerEngine(SamplerEngine):
             (skipped if self._isolated(row.job) else batch).append(row)
         pending.extendleft(reversed(skipped))
         return batch
+
+    def _take_joiners(self, room: int) -> list[_Row]:
+        """Up to ``room`` rows queued since the running batch started, to join it: those ahead
+        of the first control item and of the first ``strict_seeds``-isolated request (which
+        would otherwise wait for as long as newer requests keep joining)."""
+        pending = self._pending
+        while self._ctl is None:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Control):
+                self._ctl = item  # runs once everything queued before it is done
+            else:
+                pending.extend(item)
+        rows: list[_Row] = []
+        while pending and len(rows) < room:
+            row = pending[0]
+            if row.job.cancelled or row.job.failed:
+                pending.popleft()
+                continue
+            if self._isolated(row.job):
+                break
+            rows.append(pending.popleft())
+        return rows
 
     def _run_control(self, c: _Control) -> None:
         try:
@@ -488,61 +522,35 @@ class HFSamplerEngine(SamplerEngine):
     # ---------------------------------------------------------------- the batch
 
     def _run_batch(self, rows: list[_Row]) -> None:
+        """Prefill ``rows`` and decode them to the end; rows queued meanwhile join between
+        decode steps (``_join``) and are appended to ``rows``."""
         import torch
 
         # Rows of one adapter next to each other: the fast LoRA path works on contiguous slices.
-        rows = sorted(rows, key=lambda r: r.job.adapter)
+        rows.sort(key=lambda r: r.job.adapter)
         self.num_batches += 1
         self.batch_sizes.append(len(rows))
+        isolated = self._isolated(rows[0].job)
         dev = self.device
         eos = set(self.eos_token_ids)
-        for r in rows:
-            if r.generator is None and not r.greedy and r.index >= 0:
-                g = torch.Generator(device=self.device)
-                g.manual_seed(r.job.seeds[r.index])
-                r.generator = g
 
         with torch.inference_mode():
-            prompts = [r.job.req.prompt for r in rows]
-            lens = [len(p) for p in prompts]
-            L = max(lens)
-            B = len(rows)
-            ids = torch.full((B, L), self._pad_id, dtype=torch.long)
-            mask = torch.zeros((B, L), dtype=torch.long)
-            for i, p in enumerate(prompts):
-                ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[i, L - len(p):] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+            cache, mask, next_pos, logits = self._prefill(rows)
             names = [r.job.adapter for r in rows]
-
-            cache = self._new_cache()
-            with self._lora.adapters(self._peft, names):
-                out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                    past_key_values=cache, use_cache=True)
-                hidden = out.last_hidden_state
-                last_logits = self._logits(hidden[:, -1, :])
-            cache = out.past_key_values if out.past_key_values is not None else cache
-
-            plp_rows = [i for i, r in enumerate(rows) if r.want_prompt_lp]
-            for i in plp_rows:
-                self._prompt_logprobs(rows[i], hidden[i, L - lens[i]:, :], names[i])
-            del hidden, out
-
-            # Rows with nothing to generate are done after the prefill.
-            for r in rows:
-                if r.max_new <= 0:
-                    r.done = True
-                    self._finish_row(r)
-
-            active = [i for i, r in enumerate(rows) if not r.done]
-            logits = last_logits
-            next_pos = pos[:, -1] + 1
             # ``cur`` maps positions in the (possibly pruned) device batch to ``rows`` indices.
-            cur = list(range(B))
-            finished_since_prune = B - len(active)
-            while active:
-                act_rows = [rows[cur[j]] for j in range(len(cur))]
+            cur = list(range(len(rows)))
+            finished_since_prune = sum(r.done for r in rows)
+            while True:
+                live = sum(not rows[c].done for c in cur)
+                if not live:
+                    break
+                if not isolated and live < self.max_batch_size:
+                    joined = self._join(rows, cur, names, cache, mask, next_pos, logits,
+                                        self.max_batch_size - live)
+                    if joined is not None:
+                        cur, names, mask, next_pos, logits = joined
+                        finished_since_prune = 0
+                act_rows = [rows[c] for c in cur]
                 toks, lps = sample(logits, act_rows)
                 for j, r in enumerate(act_rows):
                     if r.done:
@@ -581,8 +589,84 @@ class HFSamplerEngine(SamplerEngine):
                     logits = self._logits(out.last_hidden_state[:, -1, :])
                 cache = out.past_key_values if out.past_key_values is not None else cache
                 next_pos = next_pos + 1
-                active = [c for c in cur if not rows[c].done]
+                self.steps_run += 1
             del cache
+
+    def _prefill(self, rows: list[_Row]):
+        """Run the prompts of ``rows`` (ordered by adapter) as one left-padded batch: their
+        generators, prompt logprobs, and rows with nothing to generate finished. Returns the KV
+        cache, the [B, L] attention mask, each row's next position and its last logits."""
+        import torch
+
+        dev = self.device
+        for r in rows:
+            if r.generator is None and not r.greedy and r.index >= 0:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(r.job.seeds[r.index])
+                r.generator = g
+        prompts = [r.job.req.prompt for r in rows]
+        lens = [len(p) for p in prompts]
+        L = max(lens)
+        B = len(rows)
+        ids = torch.full((B, L), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, L - len(p):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+        names = [r.job.adapter for r in rows]
+
+        cache = self._new_cache()
+        with self._lora.adapters(self._peft, names):
+            out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                past_key_values=cache, use_cache=True)
+            hidden = out.last_hidden_state
+            last_logits = self._logits(hidden[:, -1, :])
+        cache = out.past_key_values if out.past_key_values is not None else cache
+
+        for i, r in enumerate(rows):
+            if r.want_prompt_lp:
+                self._prompt_logprobs(r, hidden[i, L - lens[i]:, :], names[i])
+        del hidden, out
+        # Rows with nothing to generate are done after the prefill.
+        for r in rows:
+            if r.max_new <= 0:
+                r.done = True
+                self._finish_row(r)
+        return cache, mask, pos[:, -1] + 1, last_logits
+
+    def _join(self, rows, cur, names, cache, mask, next_pos, logits, room: int):
+        """Continuous batching: prefill up to ``room`` queued rows and merge them into the
+        running batch (its ``cache`` in place). None when none joined; else the new ``cur``,
+        ``names``, ``mask``, ``next_pos`` and ``logits``, the batch reordered by adapter (the
+        fast LoRA path wants contiguous rows) with finished rows dropped."""
+        import torch
+
+        if not kv_merge.mergeable(cache):
+            return None
+        new = self._take_joiners(room)
+        if not new:
+            return None
+        new.sort(key=lambda r: r.job.adapter)
+        base = len(rows)
+        rows.extend(new)  # before the prefill: a failure must reach these rows' callers too
+        n_cache, n_mask, n_pos, n_logits = self._prefill(new)
+        if all(r.done for r in new):  # prompt-logprob-only rows: nothing to decode
+            return None
+        if not kv_merge.mergeable(n_cache):  # pragma: no cover - same model, same cache kind
+            raise RuntimeError("cannot merge the KV caches of a joining batch")
+        all_cur = cur + list(range(base, base + len(new)))
+        all_names = names + [r.job.adapter for r in new]
+        keep = sorted((j for j, c in enumerate(all_cur) if not rows[c].done),
+                      key=lambda j: all_names[j])
+        sel = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = kv_merge.merge(cache, mask, n_cache, n_mask, sel)
+        next_pos = torch.cat([next_pos, n_pos]).index_select(0, sel)
+        logits = torch.cat([logits, n_logits]).index_select(0, sel)
+        self.merges += 1
+        self.batch_sizes[-1] = max(self.batch_sizes[-1], len(keep))
+        return [all_cur[j] for j in keep], [all_names[j] for j in keep], mask, next_pos, logits
 
     def _new_cache(self):
         from transformers.cache_utils import DynamicCache

@@ -7,12 +7,36 @@ import math
 
 import pytest
 
-from loops_core import AdamParams, Checkpoint, CheckpointFilesResponse
+from loops_core import AdamParams, Checkpoint, CheckpointFilesResponse, InvalidRequestError
 from loops_core.testing.contract.data import france, logprobs_of, sft_datum
 
 LR = AdamParams(learning_rate=2e-2, grad_clip_norm=1.0, weight_decay=0.01)
 
 pytestmark = pytest.mark.requires("checkpoints")
+
+
+def test_download_checkpoint_fetches_every_file(tc, service, tmp_path):
+    tc.save_weights_for_sampler("to-download").result(timeout=600)
+    ckpt = next(c for c in tc.list_checkpoints() if c.checkpoint_id == "to-download")
+    listing = service.get_checkpoint_archive_url(ckpt.id)
+    out = service.download_checkpoint(ckpt.id, dest_dir=tmp_path / "adapter")
+    assert out.file_count == listing.total_count and out.bytes_written == sum(f.size_bytes for f in listing.presigned_urls)
+    for f in listing.presigned_urls:
+        assert (tmp_path / "adapter" / f.relative_file_name).stat().st_size == f.size_bytes
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file(), "a sampler checkpoint is a PEFT adapter dir"
+    with pytest.raises(InvalidRequestError):  # a non-empty destination is refused, nothing is overwritten
+        service.download_checkpoint(ckpt.id, dest_dir=tmp_path / "adapter")
+
+    async def run():
+        return await tc.download_checkpoint_async(ckpt.id, dest_dir=tmp_path / "again")
+
+    assert asyncio.run(run()).file_count == out.file_count
+    assert tc.download_checkpoint(ckpt.id, dest_dir=tmp_path / "third").bytes_written == out.bytes_written
+
+    async def via_service():
+        return await service.download_checkpoint_async(ckpt.id, dest_dir=tmp_path / "fourth")
+
+    assert asyncio.run(via_service()).file_count == out.file_count
 
 
 def test_save_list_and_fetch_files(tc, service):

@@ -1,6 +1,6 @@
-"""Downloading a checkpoint's presigned files into a directory.
+"""Downloading a checkpoint's files into a directory, from any backend's file listing.
 
-Files are fetched in parallel (``concurrency`` at a time) without the API key: presigned URLs
+``https://`` (presigned) and ``file://`` URLs are both fetched. Files are fetched in parallel (``concurrency`` at a time) without the API key: presigned URLs
 carry their own authorisation, and the key must not travel to a storage host. Each file is
 streamed to ``<name>.part`` and renamed when complete; its size must equal ``size_bytes``. A
 destination that is not empty is refused; on any failure the files written so far are removed.
@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
 
 import httpx
 
-from loops_core.errors import APIError, APIStatusError, InvalidRequestError
-from loops_core.types import CheckpointDownload, CheckpointFile
-from loops_core.wire import raise_for_status, translate_errors
-
-from .control_plane import ssl_context
+from .errors import APIError, APIStatusError, InvalidRequestError
+from .types import CheckpointDownload, CheckpointFile
+from .wire import raise_for_status, ssl_context, translate_errors
 
 DOWNLOAD_TIMEOUT = 600.0
 
@@ -43,6 +43,12 @@ def target_path(dest: Path, relative: str) -> Path:
 async def download_files(files: list[CheckpointFile], dest_dir: str | Path, *, concurrency: int = 8,
                          transport: httpx.AsyncBaseTransport | None = None) -> CheckpointDownload:
     dest = prepare_dest(dest_dir)
+    for f in files:
+        scheme = urlparse(f.url).scheme
+        if scheme not in ("http", "https", "file"):
+            raise InvalidRequestError(
+                f"cannot download {scheme}:// URLs ({f.relative_file_name}); fetch them with the backend's own "
+                "tools (e.g. `modal volume get` for modal-volume://)", field="checkpoint_id")
     targets = [(f, target_path(dest, f.relative_file_name)) for f in files]
     dest.mkdir(parents=True, exist_ok=True)
     gate = asyncio.Semaphore(max(1, concurrency))
@@ -75,6 +81,24 @@ async def _fetch(client: httpx.AsyncClient, f: CheckpointFile, path: Path, writt
     part = path.with_name(path.name + ".part")
     written.append(part)
     n = 0
+    if f.url.startswith("file://"):  # local and fake backends list their files by path
+        src = Path(unquote(urlparse(f.url).path))
+        try:
+            n = (await asyncio.to_thread(shutil.copyfile, src, part)).stat().st_size
+        except OSError as exc:
+            raise APIError(f"{what}: cannot copy {src}: {exc}") from exc
+    else:
+        n = await _stream(client, f, part, what, where)
+    if f.size_bytes is not None and n != f.size_bytes:
+        raise APIError(f"{what}: received {n} bytes but the listing says {f.size_bytes}; the download is "
+                       "incomplete or the file changed (try again)")
+    part.replace(path)
+    written.append(path)
+    return n
+
+
+async def _stream(client: httpx.AsyncClient, f: CheckpointFile, part: Path, what: str, where: str) -> int:
+    n = 0
     with translate_errors(what, where):
         async with client.stream("GET", f.url) as r:
             if r.status_code in (401, 403):
@@ -87,9 +111,4 @@ async def _fetch(client: httpx.AsyncClient, f: CheckpointFile, path: Path, writt
                 async for chunk in r.aiter_bytes(1 << 20):
                     out.write(chunk)
                     n += len(chunk)
-    if f.size_bytes is not None and n != f.size_bytes:
-        raise APIError(f"{what}: received {n} bytes but the listing says {f.size_bytes}; the download is "
-                       "incomplete or the file changed (try again)")
-    part.replace(path)
-    written.append(path)
     return n
