@@ -15,6 +15,8 @@
     │   ├── APIStatusError            an unexpected HTTP status (``status_code``, ``body``)
     │   │   └── NotFoundError         404 on a resource (a checkpoint, a run)
     │   ├── ServerShutdownError       503: the server is shutting down; retry elsewhere
+    │   ├── DeploymentFailedError     a trainer/sampler deployment reached a terminal state
+    │   │                             (FAILED, STOPPED, PREEMPTED, ...): ``status``, ``deployment_id``
     │   └── UnknownRequestError       404 on an operation id: resubmit (idempotency keys dedupe)
     ├── RemoteOpError                 the server ran the operation and it failed (``error_class``)
     ├── SamplerVersionError           the sampler never reached the published version
@@ -99,6 +101,15 @@ class ServerShutdownError(APIError):
     """The server answered 503: it is shutting down. Retry against another replica."""
 
 
+class DeploymentFailedError(APIError):
+    """A trainer or sampler deployment reached a terminal state (FAILED, STOPPED, PREEMPTED, ...)."""
+
+    def __init__(self, message: str, *, deployment_id: str | None, status: str):
+        self.deployment_id = deployment_id
+        self.status = status
+        super().__init__(message)
+
+
 class UnknownRequestError(APIError):
     """The server has no record of this operation (restarted, or the result expired)."""
 
@@ -131,7 +142,8 @@ class FutureTimeoutError(LoopsError, TimeoutError):
 
 __all__ = [
     "APIConnectionError", "APIError", "APIStatusError", "APITimeoutError", "AuthenticationError",
-    "BackendNotFoundError", "BackendUnavailableError", "ConfigurationError", "FutureTimeoutError",
+    "BackendNotFoundError", "BackendUnavailableError", "ConfigurationError", "DeploymentFailedError",
+    "FutureTimeoutError",
     "InvalidRequestError", "LoopsError", "NotFoundError", "RemoteOpError", "SamplerVersionError",
     "ServerShutdownError", "UnknownRequestError",
 ]

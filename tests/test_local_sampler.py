@@ -537,20 +537,14 @@ def test_requests_join_a_running_batch(fast, tok, adapter_dirs):
     assert n_batches == 1 and n_merges >= 1  # all joined the long request's batch
     assert size >= 3
     assert done[-1] == 0  # the long one finished last: the others did not wait for it
-    exact = DEVICE == "cpu" and DTYPE == "float32"
-    for x, y in zip(alone, together):
+    for x, y in zip(alone, together):  # tokens exact; logprobs to float rounding (batch size)
         assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
         assert [s.finish_reason for s in x.sequences] == [s.finish_reason for s in y.sequences]
         for sx, sy in zip(x.sequences, y.sequences):
-            if exact:
-                assert sx.logprobs == sy.logprobs
-            else:
-                assert torch.allclose(torch.tensor(sx.logprobs), torch.tensor(sy.logprobs),
-                                      atol=TOL)
+            assert torch.allclose(torch.tensor(sx.logprobs), torch.tensor(sy.logprobs), atol=TOL)
         if x.prompt_logprobs is not None:
-            assert x.prompt_logprobs == y.prompt_logprobs if exact else torch.allclose(
-                torch.tensor(x.prompt_logprobs[1:]), torch.tensor(y.prompt_logprobs[1:]),
-                atol=TOL)
+            assert torch.allclose(torch.tensor(x.prompt_logprobs[1:]),
+                                  torch.tensor(y.prompt_logprobs[1:]), atol=TOL)
 
 
 def test_cancelled_request_does_not_disturb_others(engine, tok):

@@ -31,8 +31,8 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from loops_core import __version__
-from loops_core.errors import (APIConnectionError, APIError, APIStatusError, APITimeoutError, AuthenticationError,
-                               InvalidRequestError, LoopsError)
+from loops_core.errors import (APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError,
+                               DeploymentFailedError, InvalidRequestError, LoopsError)
 from loops_core.types import Checkpoint, CheckpointFile, CheckpointFilesResponse, ServerCapabilities
 from loops_core.wire import error_text, raise_for_status, ssl_context, translate_errors
 
@@ -40,6 +40,8 @@ from .models import (CheckpointList, RunEnvelope, RunRecord, SamplerDeployment, 
                      SessionEnvelope, SessionRecord, TrainerDeploymentEnvelope)
 
 log = logging.getLogger("loops.baseten")
+
+__all__ = ["ControlPlane", "DeploymentFailedError", "RetryPolicy"]
 
 ENV_API_KEY = "BASETEN_API_KEY"
 ENV_BASE_URL = "LOOPS_BASE_URL"
@@ -49,15 +51,6 @@ CREATE_TIMEOUT = 300.0  # session / trainer / sampler creation can wait on capac
 READ_TIMEOUT = 60.0
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class DeploymentFailedError(APIError):
-    """A trainer or sampler deployment reached a terminal state (FAILED, STOPPED, PREEMPTED, ...)."""
-
-    def __init__(self, message: str, *, deployment_id: str | None, status: str):
-        self.deployment_id = deployment_id
-        self.status = status
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
