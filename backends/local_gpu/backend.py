@@ -52,13 +52,10 @@ class ServerProcess:
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(log, "ab")
         cmd = [sys.executable, "-m", "loops_core.cli", f"serve-{role}", *args, "--parent-pid", str(os.getpid())]
-        env = dict(os.environ)
-        if role == "sampler":
-            # On CPU the sampler shares the cores with the trainer, which does most of the work;
-            # half the cores keeps torch's spinning threads from starving it (no effect on CUDA).
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+        # Both servers keep torch's default threads: in a synchronous loop they take turns (set
+        # OMP_NUM_THREADS to split the cores when sampling and training overlap, as in async RL).
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log_file, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env=env)  # our Ctrl-C goes to us; we stop the child
+                                     start_new_session=True)  # our Ctrl-C goes to us; we stop the child
         self.url: str | None = None
         _LIVE.add(self)
 

@@ -5,9 +5,14 @@ One base model, loaded once; every published adapter version is a *named* peft L
 
 Concurrent ``generate`` calls are put on a queue; a single worker thread (all torch work happens
 there, so the event loop is never blocked) drains up to ``max_batch_size`` sequences, waiting at
-most ``batch_wait_ms`` for more, and decodes them as one left-padded batch with a KV cache. Rows of
-one batch may ask for different adapter versions (peft's mixed-adapter batches: the ``adapter_names``
-forward kwarg, one name per row, ``"__base__"`` for the base model) and different sampling settings.
+most ``batch_wait_ms`` for more, and decodes them as one left-padded batch with a KV cache.
+Continuous batching: sequences queued while a batch decodes join it at the next decode step (up to
+``max_batch_size`` unfinished rows at once): they are prefilled as a mini-batch of their own and
+their KV cache is merged into the running one (``kv_merge.py``). Adapter loads and unloads still
+run only once everything queued before them has finished, and nothing joins a ``strict_seeds``
+batch (nor jumps over a queued one). Rows of one batch may ask for different adapter versions
+(peft's mixed-adapter batches: the ``adapter_names`` forward kwarg, one name per row,
+``"__base__"`` for the base model) and different sampling settings.
 
 Sampling is per row (``sampling_math.py``): temperature (< 1e-5 means greedy), top-k, top-p, and
 a row-local ``torch.Generator`` seeded with the request seed (+ i for the i-th of ``n`` samples; a
@@ -125,8 +130,10 @@ class HFSamplerEngine(SamplerEngine):
 
     ``device`` defaults to ``cuda`` when available, else ``cpu``; ``dtype`` to bfloat16 on CUDA and
     float32 on CPU. Attributes besides the contract's: ``tokenizer``, ``device``, ``dtype``,
-    ``num_batches`` (batches run so far), ``batch_sizes`` (rows of the recent batches, newest
-    last) and ``loaded_versions``.
+    ``num_batches`` (batches run so far; rows joining a running batch do not start a new one),
+    ``batch_sizes`` (the most rows in flight at once in each recent batch, joiners included,
+    newest last), ``merges`` (times queued rows joined a running batch), ``steps_run`` (decode
+    steps so far) and ``loaded_versions``.
 
     ``lora_fast_path`` (default on): apply plain LoRA adapters with our own row-slice hooks
     rather than peft's ``adapter_names`` mixed batches (same math, far fewer GPU syncs; see
