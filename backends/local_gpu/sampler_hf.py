@@ -3,14 +3,13 @@
 One base model, loaded once; every published adapter version is a *named* peft LoRA adapter
 (``v{version}``) on the same ``PeftModel``, added and deleted without reloading the base.
 
-Concurrent ``generate`` calls are put on a queue; a single worker thread (all torch work happens
-there, so the event loop is never blocked) drains up to ``max_batch_size`` sequences, waiting at
-most ``batch_wait_ms`` for more, and decodes them as one left-padded batch with a KV cache.
-Continuous batching: sequences queued while a batch decodes join it at the next decode step (up to
-``max_batch_size`` unfinished rows at once): they are prefilled as a mini-batch of their own and
-their KV cache is merged into the running one (``kv_merge.py``). Adapter loads and unloads still
-run only once everything queued before them has finished, and nothing joins a ``strict_seeds``
-batch (nor jumps over a queued one). Rows of one batch may ask for different adapter versions
+Concurrent ``generate`` calls are put on a queue (``hf_queue.py``, which also says when adapter
+loads and unloads run); a single worker thread (all torch work happens there, so the event loop is
+never blocked) drains up to ``max_batch_size`` sequences, waiting at most ``batch_wait_ms`` for
+more, and decodes them as one left-padded batch with a KV cache. Continuous batching: sequences
+queued while a batch decodes join it at the next decode step (up to ``max_batch_size`` unfinished
+rows at once): they are prefilled as a mini-batch of their own and their KV cache is merged into
+the running one (``kv_merge.py``). Rows of one batch may ask for different adapter versions
 (peft's mixed-adapter batches: the ``adapter_names`` forward kwarg, one name per row,
 ``"__base__"`` for the base model) and different sampling settings.
 
@@ -32,19 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import secrets
-import threading
-import time
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from loops_core.engine import GeneratedSequence, GenerationRequest, GenerationResult, SamplerEngine
 
 from . import kv_merge
+from .hf_queue import BatchQueue, Row, new_job, resolve
 from .lora_rows import BASE as _BASE
 from .lora_rows import RowLoRA
 from .sampling_math import check_stop, prompt_logprobs, sample
@@ -62,62 +56,8 @@ def _resolve_model_path(base_model: str) -> str:
     return resolve_model_path(base_model)
 
 
-BURST_WINDOW_S = 0.05  # the longest a batch waits for the rest of a burst of requests
-
-
 def _adapter_name(version: int) -> str:
     return f"v{version}"
-
-
-# --------------------------------------------------------------------------------------------
-# Work items
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Job:
-    """One ``generate`` call on its way through the worker."""
-
-    req: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    adapter: str
-    seeds: list[int]
-    sequences: list[GeneratedSequence | None]
-    rows_left: int
-    prompt_logprobs: list[float | None] | None = None
-    prompt_topk: list[list[tuple[int, float]] | None] | None = None
-    cancelled: bool = False
-    failed: bool = False
-
-
-@dataclass
-class _Row:
-    """One sequence of a job (or, for ``max_tokens == 0``, just its prompt-logprob pass)."""
-
-    job: _Job
-    index: int  # which of the job's n sequences; -1 for a prompt-logprob-only row
-    want_prompt_lp: bool
-    max_new: int
-    greedy: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    generator: Any = None  # torch.Generator, created in the worker
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
-    text: str | None = None
-    done: bool = False
-
-
-@dataclass
-class _Control:
-    kind: str  # "load" | "unload" | "stop"
-    loop: asyncio.AbstractEventLoop | None
-    future: asyncio.Future | None
-    version: int = 0
-    path: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,13 +132,10 @@ class HFSamplerEngine(SamplerEngine):
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self.merges = 0  # times queued rows joined a running batch
         self.steps_run = 0  # decode steps (batched forwards of one token per row) run so far
-        self._queue: queue.Queue = queue.Queue()
-        self._pending: deque[_Row] = deque()  # rows taken off the queue, not yet in a batch
-        self._ctl: _Control | None = None  # a control item waiting for the rows ahead of it
         self._closed = False
-        self._dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._worker, name="loops-hf-sampler", daemon=True)
-        self._thread.start()
+        # The work queue and its worker thread (hf_queue.py): all torch work runs there, in the
+        # _run_batch / _do_load / _do_unload calls it makes back into this engine.
+        self._queue = BatchQueue(self, thread_name="loops-hf-sampler")
 
     # ---------------------------------------------------------------- public API
 
@@ -270,28 +207,11 @@ class HFSamplerEngine(SamplerEngine):
                 return GenerationResult(
                     sequences=[GeneratedSequence(tokens=[], logprobs=[], finish_reason="length")
                                for _ in range(n)])
-        base_seed = req.seed if req.seed is not None else secrets.randbits(63)
         loop = asyncio.get_running_loop()
-        job = _Job(req=GenerationRequest(**{**req.__dict__, "prompt": prompt}), loop=loop,
-                   future=loop.create_future(),
-                   adapter=_adapter_name(version) if version else _BASE,
-                   seeds=[(int(base_seed) + i) % (1 << 64) for i in range(n)],
-                   sequences=[None] * n, rows_left=0)
-        greedy = req.temperature < _SAMPLING_EPS
-        rows: list[_Row] = []
-        if n == 0 or max_new <= 0:
-            rows.append(_Row(job=job, index=-1, want_prompt_lp=True, max_new=0, greedy=True,
-                             temperature=1.0, top_k=-1, top_p=1.0))
-            job.sequences = [GeneratedSequence(tokens=[], logprobs=[], finish_reason="length")
-                             for _ in range(n)]
-        else:
-            for i in range(n):
-                rows.append(_Row(job=job, index=i, want_prompt_lp=want_plp and i == 0,
-                                 max_new=max_new, greedy=greedy,
-                                 temperature=1.0 if greedy else float(req.temperature),
-                                 top_k=int(req.top_k), top_p=float(req.top_p)))
-        job.rows_left = len(rows)
-        self._queue.put(rows)
+        job, rows = new_job(req, prompt, loop, max_new=max_new,
+                            adapter=_adapter_name(version) if version else _BASE,
+                            greedy=req.temperature < _SAMPLING_EPS)
+        self._queue.submit(rows)
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -302,12 +222,7 @@ class HFSamplerEngine(SamplerEngine):
         if self._closed:
             return
         self._closed = True
-        if self._thread.is_alive():
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
-            self._queue.put(_Control("stop", loop, fut))
-            await fut
-            await asyncio.to_thread(self._thread.join)
+        await self._queue.stop()
         self._peft = None
         self._model = self._base = None  # type: ignore[assignment]
         try:
@@ -318,163 +233,19 @@ class HFSamplerEngine(SamplerEngine):
         except Exception:  # pragma: no cover
             pass
 
-    # ---------------------------------------------------------------- plumbing
+    # ---------------------------------------------------------------- the queue
 
     def _check_alive(self) -> None:
         if self._closed:
             raise RuntimeError("HFSamplerEngine is closed")
-        if self._dead is not None:
-            raise RuntimeError(f"HFSamplerEngine worker died: {self._dead!r}")
+        if self._queue.dead is not None:
+            raise RuntimeError(f"HFSamplerEngine worker died: {self._queue.dead!r}")
 
     async def _control(self, kind: str, version: int, path: str = "") -> None:
         self._check_alive()
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._queue.put(_Control(kind, loop, fut, version, path))
-        await fut
+        await self._queue.control(kind, version, path)
 
-    @staticmethod
-    def _resolve(loop, fut, result=None, exc: BaseException | None = None) -> None:
-        def set_it():
-            if fut.done():
-                return
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-
-        try:
-            loop.call_soon_threadsafe(set_it)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
-
-    def _worker(self) -> None:
-        try:
-            self._worker_loop()
-        except BaseException as e:  # pragma: no cover - a bug; fail whoever still waits
-            logger.exception("HF sampler worker died")
-            self._dead = e
-            for r in self._pending:
-                self._resolve(r.job.loop, r.job.future, exc=e)
-            self._pending.clear()
-            if self._ctl is not None and self._ctl.loop is not None:
-                self._resolve(self._ctl.loop, self._ctl.future, exc=e)
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Control):
-                    if item.loop is not None:
-                        self._resolve(item.loop, item.future, exc=e)
-                else:
-                    for r in item:
-                        self._resolve(r.job.loop, r.job.future, exc=e)
-
-    def _worker_loop(self) -> None:
-        pending = self._pending
-        while True:
-            if not pending:
-                if self._ctl is not None:
-                    control, self._ctl = self._ctl, None
-                    self._run_control(control)
-                    if control.kind == "stop":
-                        return
-                    continue
-                item = self._queue.get()
-                if isinstance(item, _Control):
-                    self._ctl = item
-                    continue
-                pending.extend(item)
-            # Gather more work until the batch is full or no request came for batch_wait_s. The
-            # window slides while requests keep arriving (a burst of concurrent HTTP requests
-            # spreads over tens of ms), bounded so a steady trickle cannot hold a batch back.
-            # Requests arriving later join the running batch between decode steps (_join).
-            start = time.monotonic()
-            deadline = start + self.batch_wait_s
-            while self._ctl is None and len(pending) < self.max_batch_size:
-                left = deadline - time.monotonic()
-                try:
-                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Control):
-                    self._ctl = item  # runs once everything queued before it is done
-                    break
-                pending.extend(item)
-                deadline = min(time.monotonic() + self.batch_wait_s, start + BURST_WINDOW_S)
-            batch = self._take_batch(pending)
-            if not batch:
-                continue
-            try:
-                self._run_batch(batch)  # appends the rows that joined it to ``batch``
-            except BaseException as e:  # noqa: BLE001 - report to every caller of the batch
-                logger.exception("HF sampler batch failed")
-                for job in {id(r.job): r.job for r in batch}.values():
-                    job.failed = True
-                    self._resolve(job.loop, job.future, exc=e)
-
-    def _isolated(self, job: _Job) -> bool:
-        return self.strict_seeds and job.req.seed is not None
-
-    def _take_batch(self, pending: deque) -> list[_Row]:
-        """The next batch from ``pending`` (in order); with ``strict_seeds`` a seeded request's
-        rows make a batch of their own."""
-        while pending and (pending[0].job.cancelled or pending[0].job.failed):
-            pending.popleft()
-        batch: list[_Row] = []
-        if not pending:
-            return batch
-        if self._isolated(pending[0].job):
-            job = pending[0].job
-            while pending and pending[0].job is job and len(batch) < self.max_batch_size:
-                batch.append(pending.popleft())
-            return batch
-        skipped: list[_Row] = []
-        while pending and len(batch) < self.max_batch_size:
-            row = pending.popleft()
-            if row.job.cancelled or row.job.failed:
-                continue
-            (skipped if self._isolated(row.job) else batch).append(row)
-        pending.extendleft(reversed(skipped))
-        return batch
-
-    def _take_joiners(self, room: int) -> list[_Row]:
-        """Up to ``room`` rows queued since the running batch started, to join it: those ahead
-        of the first control item and of the first ``strict_seeds``-isolated request (which
-        would otherwise wait for as long as newer requests keep joining)."""
-        pending = self._pending
-        while self._ctl is None:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Control):
-                self._ctl = item  # runs once everything queued before it is done
-            else:
-                pending.extend(item)
-        rows: list[_Row] = []
-        while pending and len(rows) < room:
-            row = pending[0]
-            if row.job.cancelled or row.job.failed:
-                pending.popleft()
-                continue
-            if self._isolated(row.job):
-                break
-            rows.append(pending.popleft())
-        return rows
-
-    def _run_control(self, c: _Control) -> None:
-        try:
-            if c.kind == "load":
-                self._do_load(c.version, c.path)
-            elif c.kind == "unload":
-                self._do_unload(c.version)
-            result, exc = None, None
-        except BaseException as e:  # noqa: BLE001
-            result, exc = None, e
-        if c.loop is not None and c.future is not None:
-            self._resolve(c.loop, c.future, result, exc)
+    # ---------------------------------------------------------------- adapters (worker thread)
 
     def _do_load(self, version: int, path: str) -> None:
         import torch
@@ -528,7 +299,7 @@ class HFSamplerEngine(SamplerEngine):
 
     # ---------------------------------------------------------------- the batch
 
-    def _run_batch(self, rows: list[_Row]) -> None:
+    def _run_batch(self, rows: list[Row]) -> None:
         """Prefill ``rows`` and decode them to the end; rows queued meanwhile join between
         decode steps (``_join``) and are appended to ``rows``."""
         import torch
@@ -537,7 +308,7 @@ class HFSamplerEngine(SamplerEngine):
         rows.sort(key=lambda r: r.job.adapter)
         self.num_batches += 1
         self.batch_sizes.append(len(rows))
-        isolated = self._isolated(rows[0].job)
+        isolated = self._queue.isolated(rows[0].job)
         dev = self.device
         eos = set(self.eos_token_ids)
 
@@ -599,7 +370,7 @@ class HFSamplerEngine(SamplerEngine):
                 self.steps_run += 1
             del cache
 
-    def _prefill(self, rows: list[_Row]):
+    def _prefill(self, rows: list[Row]):
         """Run the prompts of ``rows`` (ordered by adapter) as one left-padded batch: their
         generators, prompt logprobs, and rows with nothing to generate finished. Returns the KV
         cache, the [B, L] attention mask, each row's next position and its last logits."""
@@ -652,7 +423,7 @@ class HFSamplerEngine(SamplerEngine):
 
         if not kv_merge.mergeable(cache):
             return None
-        new = self._take_joiners(room)
+        new = self._queue.take_joiners(room)
         if not new:
             return None
         new.sort(key=lambda r: r.job.adapter)
@@ -683,7 +454,7 @@ class HFSamplerEngine(SamplerEngine):
         except TypeError:  # older transformers
             return DynamicCache()
 
-    def _prompt_logprobs(self, row: _Row, hidden, name: str) -> None:
+    def _prompt_logprobs(self, row: Row, hidden, name: str) -> None:
         """Prompt logprobs (temperature 1) of ``row``'s prompt from its prefill hidden states."""
         job = row.job
         k = min(int(job.req.prompt_logprobs or 0), self.vocab_size)
@@ -691,7 +462,7 @@ class HFSamplerEngine(SamplerEngine):
             hidden, job.req.prompt, k, self.vocab_size, self._logits,
             self._lora.adapters(self._peft, [name]))
 
-    def _finish_row(self, r: _Row) -> None:
+    def _finish_row(self, r: Row) -> None:
         job = r.job
         if r.index >= 0:
             text = r.text if r.text is not None else self.decode(r.tokens)
@@ -703,4 +474,4 @@ class HFSamplerEngine(SamplerEngine):
             result = GenerationResult(sequences=list(job.sequences),  # type: ignore[arg-type]
                                       prompt_logprobs=job.prompt_logprobs,
                                       prompt_topk=job.prompt_topk)
-            self._resolve(job.loop, job.future, result)
+            resolve(job.loop, job.future, result)

@@ -23,7 +23,7 @@ _PROMPT_LOGITS_BUDGET = 1 << 25  # 128 MiB of float32
 def sample(logits, rows: list[Any]) -> tuple[list[int], list[float]]:
     """One token per row of ``logits`` [B, V] (float32), with its logprob.
 
-    ``rows[j]`` holds row j's settings (the engine's ``_Row``): ``temperature``, ``greedy``,
+    ``rows[j]`` holds row j's settings (an ``hf_queue.Row``): ``temperature``, ``greedy``,
     ``top_k``, ``top_p``, ``done``, and the ``generator`` it draws from.
     """
     import torch
@@ -82,7 +82,7 @@ def gumbel_max(probs, generators: list[Any]):
 
 
 def check_stop(r: Any, t: int, eos: set[int], tokenizer) -> None:
-    """Mark row ``r`` (the engine's ``_Row``) done if its new token ``t`` ends it: a stop token,
+    """Mark row ``r`` (an ``hf_queue.Row``) done if its new token ``t`` ends it: a stop token,
     EOS, a stop string (``r.text`` is then the text before it), or ``r.max_new`` tokens."""
     req = r.job.req
     if t in req.stop_token_ids or (req.stop_at_eos and t in eos):
