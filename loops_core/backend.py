@@ -112,6 +112,11 @@ class Backend(abc.ABC):
             raise NotFoundError(f"checkpoint {checkpoint_id!r} has no files", status_code=404)
         return await download_files(files, dest_dir)
 
+    async def release_trainer(self, run_id: str) -> None:
+        """The TrainingClient for ``run_id`` was closed: stop what keeps its trainer busy (e.g. a
+        heartbeat). The trainer itself lives until the session closes, so sampling clients made
+        from it keep working."""
+
     def load_tokenizer(self, tokenizer_id: str) -> Any:
         """The tokenizer for ``tokenizer_id`` (default: the shared resolver)."""
         from .tokenizers import load_tokenizer

@@ -421,13 +421,19 @@ class TrainingClient(ClientLifecycle):
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Close HTTP connections and finish the W&B run."""
-        run_sync(self._wire.aclose())
+        """Close HTTP connections, finish the W&B run, and let the backend release this trainer's
+        keep-alives (the servers stay up for sampling clients until the ServiceClient closes)."""
+        run_sync(self._close())
         self._finish_wandb()
 
     async def aclose(self) -> None:
-        await on_loop(self._wire.aclose())
+        await on_loop(self._close())
         self._finish_wandb()
+
+    async def _close(self) -> None:
+        await self._wire.aclose()
+        if self._service is not None and self._run_id:
+            await self._service._backend.release_trainer(self._run_id)
 
     def _finish_wandb(self) -> None:
         if self._wandb is not None:

@@ -398,6 +398,22 @@ def test_heartbeat_calls_health_until_the_session_closes(emu):
     assert dep.health_hits == stopped
 
 
+def test_closing_a_training_client_stops_only_its_heartbeat(emu):
+    sc = client(emu, heartbeat_s=0.05)
+    a = sc.create_lora_training_client(MODEL, rank=4)
+    b = sc.create_lora_training_client(MODEL, rank=4)
+    dep_a, dep_b = trainer_dep(emu, a.run_id), trainer_dep(emu, b.run_id)
+    sampler = a.save_weights_and_get_sampling_client("still-here").result(timeout=60)
+    a.close()
+    stopped = dep_a.health_hits
+    before_b = dep_b.health_hits
+    time.sleep(0.4)
+    assert dep_a.health_hits == stopped, "a closed client's trainer may scale down"
+    assert dep_b.health_hits > before_b, "the other trainer keeps its heartbeat"
+    assert sampler.sample(ModelInput.from_ints([1, 2]), 1, SamplingParams(max_tokens=1)).sequences
+    sc.close()
+
+
 def test_heartbeat_failure_policy(caplog):
     statuses: list[int] = []
 

@@ -233,6 +233,13 @@ class BasetenBackend(Backend):
         """Blocking version of ``download_checkpoint``."""
         return run_sync(self.download_checkpoint(checkpoint_id, dest_dir))
 
+    async def release_trainer(self, run_id: str) -> None:
+        """Stop the heartbeat of a trainer whose TrainingClient closed, so it may scale down."""
+        mine = [b for b in self.heartbeats if b.run_id == run_id]
+        self.heartbeats = [b for b in self.heartbeats if b.run_id != run_id]
+        for beat in mine:
+            await beat.stop()
+
     async def aclose(self) -> None:
         beats, self.heartbeats = self.heartbeats, []
         for beat in beats:
