@@ -3,11 +3,14 @@
 vLLM does continuous batching and multi-LoRA serving itself; this engine maps the contract onto
 it:
 
-* every published adapter version is one ``LoRARequest(f"loops-v{version}", version, path)``,
-  registered with ``add_lora`` and dropped with ``remove_lora(version)``; a request pinned to an
-  older version keeps using its own ``LoRARequest`` while newer ones are loaded. vLLM keys its
-  prefix cache by the LoRA name, which is unique per version; if a version number is loaded a
-  second time (from another directory) the prefix cache is reset;
+* every load of an adapter version is one ``LoRARequest(f"loops-v{version}-{k}", k, path)``
+  with ``k`` a fresh id per load, registered with ``add_lora`` and dropped with
+  ``remove_lora(k)``; a request pinned to an older version keeps using its own ``LoRARequest``
+  while newer ones are loaded. vLLM keys its prefix cache by the LoRA name (by the int id in some
+  versions) and its worker-side adapter cache by the int id, so giving every load its own name
+  *and* id means that loading a version number a second time (from another directory) can never
+  serve stale KV or stale weights. (``reset_prefix_cache`` is no substitute: it does nothing while
+  any request holds KV blocks);
 * a request for ``n`` samples becomes ``n`` vLLM requests with ``n=1`` and seeds ``seed + i``
   (as the HF engine does), so the i-th sample of a request seeded ``s`` is the same as the
   only sample of a request seeded ``s + i``;
@@ -19,13 +22,14 @@ it:
   temperature is 1 (or greedy), else on a separate one-token request at temperature 1;
 * ``max_tokens=0`` (``compute_logprobs``) is a one-token request whose output is dropped.
 
-vLLM itself refuses temperatures above 2 and raises temperatures in (0, 0.01) to 0.01.
+vLLM raises temperatures in (0, 0.01) to 0.01, and recent versions refuse temperatures above 2.
 All ``vllm`` imports happen inside functions so that this module imports without vllm.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import uuid
 from functools import lru_cache
@@ -41,7 +45,7 @@ SUPPORTED_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 @lru_cache(maxsize=1)
 def _vllm_importable() -> bool:
     try:
-        import vllm  # noqa: F401
+        importlib.import_module("vllm")
     except Exception:
         return False
     return True
@@ -102,9 +106,17 @@ class VLLMSamplerEngine(SamplerEngine):
         del batch_wait_ms  # vLLM schedules continuously
         if device is not None and not str(device).startswith("cuda"):
             raise ValueError(f"the vLLM engine runs on CUDA, not {device!r}")
+        import dataclasses
+
         from transformers import AutoTokenizer, GenerationConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        # ``logprobs_mode`` (engine-level) appeared in vLLM 0.10.1; before it the V1 engine only
+        # returned raw (pre-temperature) logprobs, which would silently break the contract.
+        if "logprobs_mode" not in {f.name for f in dataclasses.fields(AsyncEngineArgs)}:
+            raise RuntimeError("this vLLM has no `logprobs_mode` engine argument (vLLM >= 0.10.1 "
+                               "needed for temperature-scaled sampled-token logprobs)")
 
         self.base_model = base_model
         path = _resolve_model_path(base_model)
@@ -152,7 +164,7 @@ class VLLMSamplerEngine(SamplerEngine):
         self.eos_token_ids = eos
         self.max_logprobs = int(max_logprobs)
         self._loras: dict[int, Any] = {}  # version -> LoRARequest
-        self._ever_loaded: set[int] = set()
+        self._next_lora_id = 0  # vLLM lora_int_id, one per load (must be >= 1)
         self._closed = False
 
     # ---------------------------------------------------------------- adapters
@@ -174,22 +186,26 @@ class VLLMSamplerEngine(SamplerEngine):
         if rank > self.max_lora_rank:
             raise ValueError(f"adapter rank {rank} exceeds this engine's max_lora_rank "
                              f"{self.max_lora_rank}; create the engine with a larger one")
-        if version in self._loras:
-            await self.unload_adapter(version)
-        lora = LoRARequest(f"loops-v{version}", version, str(path))
-        ok = await self._engine.add_lora(lora)
+        # A fresh (name, int id) per load: vLLM caches adapter weights by int id and prefix-cache
+        # blocks by name (or by int id, depending on the version), so reusing either for new
+        # weights of the same version would serve stale results.
+        # LoRARequest's positional fields: lora_name, lora_int_id (>= 1), lora_path.
+        self._next_lora_id += 1
+        lora_id = self._next_lora_id
+        lora = LoRARequest(f"loops-v{version}-{lora_id}", lora_id, str(path))
+        ok = await self._engine.add_lora(lora)  # async, returns bool
         if ok is False:
             raise RuntimeError(f"vLLM refused to load adapter version {version} from {path}")
-        if version in self._ever_loaded:
-            # Same name, possibly other weights: don't let the prefix cache serve stale KV.
-            await self._engine.reset_prefix_cache()
-        self._ever_loaded.add(version)
+        old = self._loras.get(version)
         self._loras[version] = lora
+        if old is not None:  # replaced: new requests already use the new one
+            await self._engine.remove_lora(old.lora_int_id)
 
     async def unload_adapter(self, version: int) -> None:
         version = int(version)
-        if self._loras.pop(version, None) is not None:
-            await self._engine.remove_lora(version)
+        lora = self._loras.pop(version, None)
+        if lora is not None:
+            await self._engine.remove_lora(lora.lora_int_id)  # async; takes the int id
 
     # ---------------------------------------------------------------- generation
 
@@ -272,9 +288,14 @@ class VLLMSamplerEngine(SamplerEngine):
         return result
 
     async def _run(self, prompt: list[int], sp, lora):
-        from vllm.inputs import TokensPrompt
+        try:
+            from vllm.inputs import TokensPrompt
+        except ImportError:  # pragma: no cover - newer vLLM moved inputs around; top level has it
+            from vllm import TokensPrompt
 
         final = None
+        # AsyncLLM.generate(prompt, sampling_params, request_id, *, lora_request=...) is an async
+        # generator; with RequestOutputKind.FINAL_ONLY it yields once, the finished output.
         async for out in self._engine.generate(TokensPrompt(prompt_token_ids=prompt), sp,
                                                f"loops-{uuid.uuid4().hex}", lora_request=lora):
             final = out
