@@ -244,6 +244,12 @@ def test_adapters(engine, tok, run, adapter_dirs, ref_adapters, ref):
         run(engine.generate(GenerationRequest(**greedy, adapter=1)))
     again = run(engine.generate(GenerationRequest(**greedy, adapter=2)))
     assert again.sequences[0].tokens == v2.sequences[0].tokens
+
+    # Reloading a version number with other weights serves the new weights, never cached ones.
+    run(engine.load_adapter(2, adapter_dirs[1]))
+    reloaded = run(engine.generate(GenerationRequest(**greedy, adapter=2)))
+    _check_against(ref_adapters[1], p, reloaded.sequences[0], greedy=True)
+    assert engine.loaded_versions == [2]
     run(engine.unload_adapter(2))
     assert engine.loaded_versions == []
 
