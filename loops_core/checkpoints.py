@@ -20,6 +20,7 @@ import shutil
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 from urllib.parse import unquote, urlparse
 
 from .errors import InvalidRequestError, NotFoundError
@@ -62,7 +63,7 @@ class CheckpointStore:
         return self.root / run_id / kind / name
 
     def create(self, run_id: str, kind: str, name: str, *, base_model: str, lora_rank: int,
-               write: "callable[[Path], None]") -> tuple[Path, Checkpoint]:
+               write: Callable[[Path], None]) -> tuple[Path, Checkpoint]:
         """Write a checkpoint atomically: ``write(tmp_dir)`` fills it, then it replaces ``name``."""
         assert kind in KINDS
         check_name(name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import uuid
 
 from .backend import Backend, BackendConfig, SamplerHandle, TrainerHandle
-from .errors import NotFoundError
 from .types import Checkpoint, CheckpointFilesResponse
 from .wire import Endpoint, WireClient
 
@@ -50,5 +49,3 @@ class DirectBackend(Backend):
     async def aclose(self) -> None:
         await self._wire.aclose()
 
-
-__all__ = ["DirectBackend", "NotFoundError"]

@@ -18,12 +18,11 @@ import atexit
 import concurrent.futures
 import os
 import threading
-from typing import Any, Awaitable, Callable, Coroutine, Generator, Generic, TypeVar
+from typing import Any, Coroutine, Generator, Generic, TypeVar
 
 from .errors import FutureTimeoutError
 
 T = TypeVar("T")
-U = TypeVar("U")
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -112,12 +111,6 @@ class APIFuture(Generic[T]):
     def from_coroutine(cls, coro: Coroutine[Any, Any, T], *, operation_id: str | None = None) -> "APIFuture[T]":
         return cls(submit(coro), operation_id=operation_id)
 
-    @classmethod
-    def completed(cls, value: T) -> "APIFuture[T]":
-        f: concurrent.futures.Future[T] = concurrent.futures.Future()
-        f.set_result(value)
-        return cls(f)
-
     def result(self, timeout: float | None = None) -> T:
         """Block until the operation finishes and return its value (or raise its error).
 
@@ -154,14 +147,6 @@ class APIFuture(Generic[T]):
     def coroutine(self) -> Coroutine[Any, Any, T]:
         return self.result_async()
 
-    def map(self, fn: Callable[[T], U]) -> "APIFuture[U]":
-        """A future of ``fn(result)`` (used for composed results)."""
-
-        async def chain() -> U:
-            return fn(await asyncio.wrap_future(self._inner))
-
-        return APIFuture.from_coroutine(chain(), operation_id=self.operation_id)
-
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
         return f"<{type(self).__name__} {self.operation_id or ''} {state}>"
@@ -176,12 +161,6 @@ async def on_loop(coro: Coroutine[Any, Any, T]) -> T:
     if _on_background_loop():
         return await coro
     return await asyncio.wrap_future(submit(coro))
-
-
-async def maybe_await(x: Awaitable[T] | T) -> T:
-    if asyncio.iscoroutine(x) or isinstance(x, (asyncio.Future, APIFuture)):
-        return await x  # type: ignore[misc]
-    return x  # type: ignore[return-value]
 
 
 class ClientLifecycle:

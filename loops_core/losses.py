@@ -114,7 +114,6 @@ LOSSES: dict[str, LossSpec] = {
 
 # Config keys accepted by every loss (the published client's custom-loss path sends this one).
 COMMON_CONFIG = {"skip_token_normalization": 0.0}
-FLOAT_KEYS = {"weights", "logprobs", "advantages", "ref_logprobs", "sequence_ratio_mask", *_CLIP_INPUTS}
 
 
 def resolve_config(loss_fn: str, config: Mapping[str, Any] | None) -> dict[str, float]:

@@ -21,7 +21,7 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, Mapping
 
 import httpx
 
@@ -202,11 +202,3 @@ class WireClient:
             client, self._client = self._client, None
             await client.aclose()
 
-
-@contextlib.asynccontextmanager
-async def wire(endpoint: Endpoint, **kw: Any) -> AsyncIterator[WireClient]:
-    c = WireClient(endpoint, **kw)
-    try:
-        yield c
-    finally:
-        await c.aclose()

@@ -232,14 +232,7 @@ def test_concurrent_requests_are_batched_and_match_unbatched(engine, tok):
     n_batches = engine.num_batches - before
     assert n_batches < len(reqs)
     assert max(list(engine.batch_sizes)[-n_batches:]) >= 3
-    for x, y in zip(alone, batched):
-        assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
-        assert [s.finish_reason for s in x.sequences] == [s.finish_reason for s in y.sequences]
-        for sx, sy in zip(x.sequences, y.sequences):
-            assert torch.allclose(torch.tensor(sx.logprobs), torch.tensor(sy.logprobs), atol=TOL)
-        if x.prompt_logprobs is not None:
-            assert torch.allclose(torch.tensor(x.prompt_logprobs[1:]),
-                                  torch.tensor(y.prompt_logprobs[1:]), atol=TOL)
+    _assert_same_results(alone, batched)
 
 
 def test_small_max_batch_size_splits_requests(model_dir, tok):
@@ -537,14 +530,7 @@ def test_requests_join_a_running_batch(fast, tok, adapter_dirs):
     assert n_batches == 1 and n_merges >= 1  # all joined the long request's batch
     assert size >= 3
     assert done[-1] == 0  # the long one finished last: the others did not wait for it
-    for x, y in zip(alone, together):  # tokens exact; logprobs to float rounding (batch size)
-        assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
-        assert [s.finish_reason for s in x.sequences] == [s.finish_reason for s in y.sequences]
-        for sx, sy in zip(x.sequences, y.sequences):
-            assert torch.allclose(torch.tensor(sx.logprobs), torch.tensor(sy.logprobs), atol=TOL)
-        if x.prompt_logprobs is not None:
-            assert torch.allclose(torch.tensor(x.prompt_logprobs[1:]),
-                                  torch.tensor(y.prompt_logprobs[1:]), atol=TOL)
+    _assert_same_results(alone, together)
 
 
 def test_cancelled_request_does_not_disturb_others(engine, tok):
@@ -586,3 +572,15 @@ def test_make_sampler_engine_selects_hf(monkeypatch, model_dir):
         assert isinstance(eng, HFSamplerEngine)
     finally:
         run(eng.aclose())
+
+
+def _assert_same_results(alone, other):
+    """Tokens and finish reasons exact; logprobs to float rounding (which moves with batch size)."""
+    for x, y in zip(alone, other, strict=True):
+        assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
+        assert [s.finish_reason for s in x.sequences] == [s.finish_reason for s in y.sequences]
+        for sx, sy in zip(x.sequences, y.sequences):
+            assert torch.allclose(torch.tensor(sx.logprobs), torch.tensor(sy.logprobs), atol=TOL)
+        if x.prompt_logprobs is not None:
+            assert torch.allclose(torch.tensor(x.prompt_logprobs[1:]),
+                                  torch.tensor(y.prompt_logprobs[1:]), atol=TOL)

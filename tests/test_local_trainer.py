@@ -475,9 +475,7 @@ def test_loops_varlen_attention_plumbing(eng, kernel, monkeypatch):
     var = trainer.TorchTrainerEngine("loops/tiny-qwen3", lora_rank=RANK, device=DEVICE, dtype=DTYPE,
                                      attn_implementation=trainer.VARLEN)
     assert var.varlen and not var.explicit_mask
-    with torch.no_grad():
-        for (_, p), (_, q) in zip(var.named_params, eng.named_params):
-            p.copy_(q)
+    copy_params(var, eng)
     data = make_data(eng, "cispo")
     config = resolve_config("cispo", {})
     zero_grads(eng)
@@ -751,9 +749,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(eng):
 
     ckpt = TorchTrainerEngine("loops/tiny-qwen3", lora_rank=RANK, device=DEVICE, dtype=DTYPE,
                               gradient_checkpointing=True)
-    with torch.no_grad():
-        for (_, p), (_, q) in zip(ckpt.named_params, eng.named_params):
-            p.copy_(q)
+    copy_params(ckpt, eng)
     data = make_data(eng, "ppo")
     config = resolve_config("ppo", {})
     zero_grads(eng)
@@ -816,3 +812,10 @@ def test_equal_length_datums_run_as_a_batch_with_the_same_results(eng, monkeypat
                              target_tokens=data[1].loss_fn_inputs["target_tokens"].data[:-1])]
     eng.forward_backward(uneven, "cross_entropy", config, backward=False)
     assert shapes[-1] == (1, 15), "unequal lengths are packed into one row"
+
+
+def copy_params(dst, src):
+    """Give ``dst`` the same LoRA weights as ``src`` (engines built with other options)."""
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(dst.named_params, src.named_params, strict=True):
+            p.copy_(q)

@@ -145,8 +145,7 @@ class SamplerServer:
         hits = [a for a in self.adapters.values() if a.path == path]
         if hits:
             return max(hits, key=lambda a: a.engine_id)
-        directory = self.store.resolve(path, kind="sampler_weights") if "://" in path and not path.startswith(
-            "file://") else self.store.resolve(path)
+        directory = self.store.resolve(path, kind="sampler_weights")  # the kind is checked for URIs only
         async with self._locked():
             self._next_adhoc += 1
             a = Adapter(self._next_adhoc, path.rstrip("/").rsplit("/", 1)[-1], path, None, time.monotonic())

@@ -139,7 +139,7 @@ class TrainerServer:
             data = []
             for i, d in enumerate(raw):
                 try:
-                    data.append(Datum.model_validate(d) if isinstance(d, dict) else Datum.model_validate({}))
+                    data.append(Datum.model_validate(d))
                 except ValidationError as exc:
                     msg, fld = pydantic_message(exc, f"data[{i}].")
                     raise InvalidRequestError(msg, field=fld) from None
