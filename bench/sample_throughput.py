@@ -4,6 +4,7 @@ Both sample ``--new`` tokens after a ``--prompt``-token prompt with EOS disabled
 64. The baseline is ``PeftModel.generate`` on a [batch, prompt] tensor in this process. Ours
 publishes the same adapter through a trainer, then sends ``batch`` concurrent ``sample`` calls to
 the sampler server (the HF engine batches concurrent requests; vLLM where it is installed).
+Both are set up once, warmed up, then timed in alternating rounds; the median round is reported.
 
     python bench/sample_throughput.py                        # CPU, tiny model
     python bench/sample_throughput.py --shape qwen3-0.6b     # CUDA
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,8 @@ def prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 2048) for _ in range(length)] for _ in range(batch)]
 
 
-def baseline(path: str, adapter_dir: str, batches: list[int], prompt_len: int, new: int) -> dict[int, float]:
+def bare_generate(path: str, adapter_dir: str, prompt_len: int, new: int):
+    """``run(batch) -> tokens/s`` with ``PeftModel.generate`` in this process."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -35,38 +38,38 @@ def baseline(path: str, adapter_dir: str, batches: list[int], prompt_len: int, n
     cuda = torch.cuda.is_available()
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
     model = PeftModel.from_pretrained(base.to("cuda" if cuda else "cpu"), adapter_dir).eval()
-    out = {}
-    for b in batches:
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+              pad_token_id=0)
+
+    def run(b: int) -> float:
         x = torch.tensor(prompts(b, prompt_len), device=model.device)
-        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                  pad_token_id=0, attention_mask=torch.ones_like(x))
         with torch.no_grad():
-            model.generate(input_ids=x, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate(input_ids=x, **kw)
+            model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
             if cuda:
                 torch.cuda.synchronize()
-        out[b] = b * new / (time.perf_counter() - t0)
-    return out
+        return b * new / (time.perf_counter() - t0)
+
+    return run
 
 
-def ours(sc, batches: list[int], prompt_len: int, new: int) -> dict[int, float]:
+def our_sampling(sc, prompt_len: int, new: int):
+    """``run(batch) -> tokens/s``: ``batch`` concurrent ``sample`` calls through the sampler server."""
     from loops_core import ModelInput, SamplingParams
 
     params = SamplingParams(max_tokens=new, temperature=1.0, stop=[])  # stop=[]: EOS disabled too
 
-    async def run(b: int) -> float:
+    async def burst(b: int) -> float:
         ps = prompts(b, prompt_len)
-        await sc.sample_async(ModelInput.from_ints(ps[0]), 1, SamplingParams(max_tokens=2, stop=[]))  # warm
         t0 = time.perf_counter()
         results = await asyncio.gather(*(sc.sample_async(ModelInput.from_ints(p), 1, params) for p in ps))
         elapsed = time.perf_counter() - t0
         assert all(len(r.sequences[0].tokens) == new for r in results)
         return b * new / elapsed
 
-    return {b: asyncio.run(run(b)) for b in batches}
+    return lambda b: asyncio.run(burst(b))
 
 
 def main() -> None:
@@ -76,6 +79,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=None, help="new tokens per sequence (default 32 tiny / 128)")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     new = args.new or (32 if args.shape == "tiny" else 128)
     batches = [int(b) for b in args.batches.split(",")]
@@ -84,18 +88,26 @@ def main() -> None:
     from loops_core import ServiceClient
     from loops_core.checkpoints import CheckpointStore
 
+    rates: dict[tuple[str, int], list[float]] = {}
     with ServiceClient(backend="local") as service:
         tc = service.create_lora_training_client(path, rank=args.rank, seed=0)
         sc = tc.save_weights_and_get_sampling_client("bench").result()
         adapter_dir = str(CheckpointStore().resolve(sc.checkpoint_path))
-        mine = ours(sc, batches, args.prompt, new)
-        tc.close()  # frees nothing remote, but the sampler keeps running until the service closes
-        theirs = baseline(path, adapter_dir, batches, args.prompt, new)
+        variants = {"bare": bare_generate(path, adapter_dir, args.prompt, new),
+                    "loops": our_sampling(sc, args.prompt, new)}
+        for b in batches:
+            for run in variants.values():
+                run(b)  # warm-up: kernels, allocator, connections
+            for _ in range(args.rounds):
+                for name, run in variants.items():
+                    rates.setdefault((name, b), []).append(run(b))
 
-    print(f"sampling throughput: {args.shape}, prompt {args.prompt} tokens, {new} new tokens, LoRA rank {args.rank}")
+    print(f"sampling throughput: {args.shape}, prompt {args.prompt} tokens, {new} new tokens, LoRA rank {args.rank}, "
+          f"median of {args.rounds} rounds")
     print(f"{'batch':>5} {'bare generate tok/s':>20} {'loops tok/s':>12} {'ratio':>7}")
     for b in batches:
-        print(f"{b:>5} {theirs[b]:20,.1f} {mine[b]:12,.1f} {mine[b] / theirs[b]:6.2f}x")
+        theirs, mine = statistics.median(rates["bare", b]), statistics.median(rates["loops", b])
+        print(f"{b:>5} {theirs:20,.1f} {mine:12,.1f} {mine / theirs:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -531,6 +531,23 @@ def test_chunked_logprobs_equal_full_logits():
         hidden.grad = head.weight.grad = None
 
 
+def test_logprob_chunks_are_checkpointed_only_when_there_are_several(monkeypatch):
+    # One chunk's logits are alive at the start of backward whether kept or recomputed, so a
+    # single chunk skips the checkpoint (and its second lm_head matmul); several keep it.
+    from loops_backends.local_gpu import logprobs
+
+    calls = []
+    real = logprobs.checkpoint
+    monkeypatch.setattr(logprobs, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    hidden = torch.randn(10, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 20, bias=False)
+    targets = torch.randint(0, 20, (10, 1))
+    logprobs.target_logprobs(hidden, head, targets, chunk_tokens=10).sum().backward()
+    assert calls == []
+    logprobs.target_logprobs(hidden, head, targets, chunk_tokens=4).sum().backward()
+    assert len(calls) == 3
+
+
 def test_chunk_size_and_micro_batches_do_not_change_results(eng, monkeypatch):
     for loss_fn in ("ppo", "dpo"):
         data = make_data(eng, loss_fn, seed=4)

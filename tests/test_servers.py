@@ -207,3 +207,59 @@ def test_service_client_local_binds_to_loops_serve(served):
     with pytest.raises(InvalidRequestError):
         tc.forward_backward([]).result()
     service.close()
+
+
+def test_concurrent_requests_spread_over_several_http_clients():
+    """A burst through one httpx pool costs O(N) Python per request in httpcore; WireClient gives
+    each request in flight a client of its own and reuses the idle ones. A real loopback server
+    answers /hold only once all ``n`` requests are in, so all of them are in flight at once."""
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from loops_core.server.run import Listener
+    from loops_core.wire import Endpoint, WireClient
+
+    n = 20
+    arrived: list[int] = []
+    all_in = asyncio.Event()
+
+    async def hold(request):
+        arrived.append(1)
+        if len(arrived) == n:
+            all_in.set()
+        await asyncio.wait_for(all_in.wait(), 30)
+        return JSONResponse({"ok": True})
+
+    listener = Listener("hold", Starlette(routes=[Route("/hold", hold)]), "127.0.0.1")
+    sock = listener.bind()
+    server = uvicorn.Server(uvicorn.Config(listener.app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        async def burst(wire: WireClient) -> None:
+            for _ in range(2):  # the second burst reuses the first one's clients
+                arrived.clear()
+                all_in.clear()
+                answers = await asyncio.gather(*(wire.get_json("/hold", what="hold") for _ in range(n)))
+                assert answers == [{"ok": True}] * n
+                assert len(wire._clients) == n and len(wire._idle) == n
+            await wire.aclose()
+            assert wire._clients == [] and wire._idle == []
+
+        asyncio.run(burst(WireClient(Endpoint(listener.url))))
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+    # An injected transport (in-process servers, tests) has no pool to spread: one client.
+    async def in_process() -> None:
+        wire = WireClient(Endpoint("http://t", transport=httpx.MockTransport(lambda r: httpx.Response(200, json={}))))
+        await asyncio.gather(*(wire.get_json("/x", what="x") for _ in range(n)))
+        assert len(wire._clients) == 1
+        await wire.aclose()
+
+    asyncio.run(in_process())

@@ -6,7 +6,9 @@ on its own against full logits).
 The ``[tokens x vocab]`` fp32 logits are never materialised: the transformer returns its final
 hidden states, then ``lm_head`` + ``log_softmax`` + gather run on chunks of
 ``logprob_chunk_tokens`` rows under ``torch.utils.checkpoint``, so backward recomputes each
-chunk's logits instead of keeping them all.
+chunk's logits instead of keeping them all. A call whose active rows fit in one chunk skips the
+checkpoint: its one chunk of logits would be alive at the start of backward either way (kept, or
+recomputed), so recomputing would cost an ``lm_head`` matmul and save nothing.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def target_logprobs(hidden: Tensor, lm_head: nn.Module, targets: Tensor, *, chun
                     softcap: float | None = None) -> Tensor:
     """``log_softmax(lm_head(hidden))`` gathered at ``targets`` ([N, K]; negative = inactive, gets 0).
 
-    Only rows with an active target are computed (a masked prompt costs no ``lm_head``); each
-    chunk runs under checkpoint so that backward recomputes its logits.
+    Only rows with an active target are computed (a masked prompt costs no ``lm_head``); when
+    there are several chunks, each runs under checkpoint so that backward recomputes its logits.
     """
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     out = torch.zeros(targets.shape, dtype=dtype, device=hidden.device)
@@ -38,11 +40,12 @@ def target_logprobs(hidden: Tensor, lm_head: nn.Module, targets: Tensor, *, chun
     if rows.numel() == 0:
         return out + 0.0 * hidden.sum()  # keep the graph connected; the gradient is zero
     h, t = hidden[rows], targets[rows]
-    grad = torch.is_grad_enabled() and h.requires_grad
+    # Checkpoint only when there are several chunks (see the module docstring).
+    checkpointed = torch.is_grad_enabled() and h.requires_grad and rows.numel() > chunk_tokens
     parts = []
     for s in range(0, rows.numel(), chunk_tokens):
         args = (h[s:s + chunk_tokens], t[s:s + chunk_tokens], lm_head, softcap)
-        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
+        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if checkpointed
                      else _chunk_logprobs(*args))
     lp = torch.cat(parts)
     return out.index_put((rows,), torch.where(t >= 0, lp, 0.0))
