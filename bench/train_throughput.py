@@ -1,7 +1,8 @@
 """Training throughput: a bare HF + peft loop vs the full loops stack, same model and batch.
 
 The baseline runs in this process: ``get_peft_model`` with the same LoRA targets, AdamW, one
-[batch, seq] forward with labels, backward, step. Ours goes client → HTTP → trainer server
+[batch, seq] forward with labels, backward, step; on CUDA with gradient checkpointing, like our
+trainer's default there. Ours goes client → HTTP → trainer server
 (a subprocess of the local backend) → engine: ``forward_backward`` of ``batch`` datums of
 ``seq`` tokens, then ``optim_step``, timed two ways: "waited" takes each call's result before
 making the next, "pipelined" submits both and then waits (Tinker's advice: the optim step's
@@ -38,8 +39,9 @@ def timed(step, steps: int, tokens: int, sync=lambda: None) -> float:
     return tokens * steps / (time.perf_counter() - t0)
 
 
-def bare_step(path: str, batch: int, seq: int, rank: int):
-    """The baseline's step function, and a sync for timing it."""
+def bare_step(path: str, batch: int, seq: int, rank: int, checkpointing: bool):
+    """The baseline's step function, and a sync for timing it. ``checkpointing``: recompute the
+    decoder layers in backward, as our trainer does by default on CUDA."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -49,6 +51,8 @@ def bare_step(path: str, batch: int, seq: int, rank: int):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, make_lora_config(model, rank))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -110,7 +114,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     with ServiceClient(backend="local") as service:
         tc = service.create_lora_training_client(path, rank=args.rank, seed=0)
-        bare, sync = bare_step(path, args.batch, seq, args.rank)
+        bare, sync = bare_step(path, args.batch, seq, args.rank, checkpointing=cuda)
         variants = {"bare HF + peft": bare, **our_steps(tc, args.batch, seq)}
         for step in variants.values():
             timed(step, args.warmup, tokens, sync)

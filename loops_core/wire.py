@@ -32,11 +32,10 @@ from .errors import (APIConnectionError, APIStatusError, APITimeoutError, Authen
 POLL_READ_TIMEOUT = 35.0  # the server holds a poll for up to 30 s
 # httpcore's connection pool rescans all its connections for every request it places and every
 # response it releases (and asks each idle one whether its socket is readable), so a burst of N
-# concurrent requests through one client costs O(N) Python per request: with 64 concurrent
-# samples on one client, 9 ms of client CPU per request on a small machine, against 1.3 ms with
-# one client per request in flight. So WireClient keeps a free list of httpx clients, each
-# carrying one request at a time over its one keep-alive connection (the Tinker SDK likewise
-# spreads requests over several clients).
+# concurrent requests through one client costs O(N) Python per request (bench/protocol.py shows
+# it against a bare httpx client at 32 in flight). So WireClient keeps a free list of httpx
+# clients, each carrying one request at a time over its one keep-alive connection (the Tinker
+# SDK likewise spreads requests over several clients).
 
 
 @dataclass(frozen=True)
