@@ -32,7 +32,7 @@ def test_train_throughput_bench():
                     "--warmup", "1", "--rank", "4")
     for row in ("bare HF \\+ peft", "loops, waited", "loops, pipelined"):
         assert re.search(rf"{row} +[\d,]+ +{RATIO}", out), out
-    assert re.search(rf"peak RSS of the training process: bare [\d,]+ MiB, loops [\d,]+ MiB, ratio \d+\.\d\dx", out), out
+    assert re.search(r"peak RSS of the training process: bare [\d,]+ MiB, loops [\d,]+ MiB, ratio \d+\.\d\dx", out), out
 
 
 @pytest.mark.slow
