@@ -475,16 +475,9 @@ def test_loops_varlen_attention_plumbing(eng, kernel, monkeypatch):
     var = trainer.TorchTrainerEngine("loops/tiny-qwen3", lora_rank=RANK, device=DEVICE, dtype=DTYPE,
                                      attn_implementation=trainer.VARLEN)
     assert var.varlen and not var.explicit_mask
-    copy_params(var, eng)
-    data = make_data(eng, "cispo")
-    config = resolve_config("cispo", {})
-    zero_grads(eng)
-    a = eng.forward_backward(data, "cispo", config, backward=True)
-    b = var.forward_backward(data, "cispo", config, backward=True)
-    assert b.loss == pytest.approx(a.loss, rel=CLOSE)
+    a, b = assert_same_step(var, eng, "cispo")
     for x, y in zip(b.loss_fn_outputs, a.loss_fn_outputs):
         assert_lp(x["logprobs"], y["logprobs"].to_torch(), tol=CLOSE)
-    assert_same_grads(grads(var), grads(eng))
     var.close()
 
 
@@ -766,14 +759,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(eng):
 
     ckpt = TorchTrainerEngine("loops/tiny-qwen3", lora_rank=RANK, device=DEVICE, dtype=DTYPE,
                               gradient_checkpointing=True)
-    copy_params(ckpt, eng)
-    data = make_data(eng, "ppo")
-    config = resolve_config("ppo", {})
-    zero_grads(eng)
-    a = eng.forward_backward(data, "ppo", config, backward=True)
-    b = ckpt.forward_backward(data, "ppo", config, backward=True)
-    assert b.loss == pytest.approx(a.loss, rel=CLOSE)
-    assert_same_grads(grads(ckpt), grads(eng))
+    assert_same_step(ckpt, eng, "ppo")
     ckpt.close()
 
 
@@ -836,3 +822,17 @@ def copy_params(dst, src):
     with torch.no_grad():
         for (_, p), (_, q) in zip(dst.named_params, src.named_params, strict=True):
             p.copy_(q)
+
+
+def assert_same_step(variant, eng, loss_fn: str):
+    """``variant`` (an engine built with other options) gives ``eng``'s loss and gradients for
+    the same weights and data; returns both outputs (``eng``'s first)."""
+    copy_params(variant, eng)
+    data = make_data(eng, loss_fn)
+    config = resolve_config(loss_fn, {})
+    zero_grads(eng)
+    a = eng.forward_backward(data, loss_fn, config, backward=True)
+    b = variant.forward_backward(data, loss_fn, config, backward=True)
+    assert b.loss == pytest.approx(a.loss, rel=CLOSE)
+    assert_same_grads(grads(variant), grads(eng))
+    return a, b

@@ -107,36 +107,35 @@ def _stop(server: Any) -> None:
         server.shutting_down = True
 
 
-class LoopsTrainer:
+class _LoopsServer:
+    """One server per container: built on enter, served as the ASGI web endpoint, closed on exit.
+    (Modal collects the decorated methods along the class's MRO, so subclasses inherit them.)"""
+
+    role: str
+
+    @modal.enter()
+    def start(self) -> None:
+        self.server = _start(self.role)
+
+    @modal.asgi_app()
+    def web(self) -> Any:
+        return self.server.app
+
+    @modal.exit()
+    def stop(self) -> None:
+        _stop(self.server)
+
+
+class LoopsTrainer(_LoopsServer):
     """The trainer server of one run."""
 
-    @modal.enter()
-    def start(self) -> None:
-        self.server = _start("trainer")
-
-    @modal.asgi_app()
-    def web(self) -> Any:
-        return self.server.app
-
-    @modal.exit()
-    def stop(self) -> None:
-        _stop(self.server)
+    role = "trainer"
 
 
-class LoopsSampler:
+class LoopsSampler(_LoopsServer):
     """A sampler server: the trainer's pair, or a standalone one."""
 
-    @modal.enter()
-    def start(self) -> None:
-        self.server = _start("sampler")
-
-    @modal.asgi_app()
-    def web(self) -> Any:
-        return self.server.app
-
-    @modal.exit()
-    def stop(self) -> None:
-        _stop(self.server)
+    role = "sampler"
 
 
 # ---- one app per container ----------------------------------------------------------------------
