@@ -40,7 +40,7 @@ from ..checkpoints import CheckpointStore
 from ..engine import GenerationRequest, SamplerEngine
 from ..errors import InvalidRequestError
 from .stats import stats_route
-from .http import ApiKeyMiddleware, error_response, guarded, json_body
+from .http import guard, error_response, guarded, json_body
 
 DEFAULT_MAX_TOKENS = 16  # as vLLM's completions endpoint
 _ADHOC_BASE = 1_000_000_000  # engine ids for checkpoints loaded by path, apart from policy versions
@@ -79,7 +79,7 @@ class SamplerServer:
             Route("/health", self._health, methods=["GET"]),
             Route("/stats", stats_route, methods=["GET"]),
         ]
-        self.app = ApiKeyMiddleware(Starlette(routes=routes), api_key)
+        self.app = guard(Starlette(routes=routes), self, api_key=api_key, role="sampler")
 
     @property
     def live_version(self) -> int:

@@ -38,7 +38,7 @@ from ..errors import InvalidRequestError
 from ..losses import validate_batch
 from ..types import AdamParams, Datum
 from .stats import stats_route
-from .http import ApiKeyMiddleware, error_response, guarded, json_body, pydantic_message
+from .http import guard, error_response, guarded, json_body, pydantic_message
 from .operations import OperationQueue
 
 
@@ -85,7 +85,7 @@ class TrainerServer:
             Route("/checkpoint_files", self._checkpoint_files, methods=["GET"]),
             Route("/stats", stats_route, methods=["GET"]),
         ]
-        self.app = ApiKeyMiddleware(Starlette(routes=routes), api_key)
+        self.app = guard(Starlette(routes=routes), self, api_key=api_key, role="trainer")
 
     # ---- plumbing -------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -230,11 +230,9 @@ class TrainerServer:
         except ValueError:
             hold = self.poll_hold
         if not await self.queue.wait(op, hold):
-            if self.shutting_down:
-                return error_response(503, "the trainer is shutting down")
             return error_response(408, "operation still running; poll again",
                                   headers={"Retry-After": "0"})
-        return JSONResponse(op.payload())
+        return JSONResponse(op.payload(), status_code=op.http_status)
 
     async def _health(self, request: Request) -> Response:
         if self.shutting_down:
