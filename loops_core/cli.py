@@ -6,21 +6,30 @@
     loops serve --model M [--engine fake|local]  a paired trainer + sampler in the foreground
     loops serve-trainer / serve-sampler ...      one server (the local backend starts these)
     loops emulate baseten [--port N] [--engine fake|local]   the Baseten control-plane emulator
+    loops --version
+
+Servers read their API key from ``LOOPS_API_KEY`` or ``--api-key-file PATH``, never from the
+command line (process arguments are visible to every user in ``ps``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="loops", description="loops: LoRA post-training on pluggable backends")
+    parser.add_argument("--version", action="version", version=f"loops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("backends", help="list the registered backends")
@@ -45,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     emulate.add_argument("rest", nargs=argparse.REMAINDER, help="options of the emulator (see --help)")
 
     args = parser.parse_args(argv)
+    if getattr(args, "api_key", None) is not None:
+        parser.error("--api-key is not accepted: a key on the command line is visible to every user in `ps`. "
+                     "Set LOOPS_API_KEY or pass --api-key-file PATH")
+    if hasattr(args, "api_key_file"):
+        args.api_key = _read_api_key(parser, args.api_key_file)
     return {"backends": _backends, "serve": _serve, "serve-trainer": _serve_trainer,
             "serve-sampler": _serve_sampler, "emulate": _emulate}[args.command](args)
 
@@ -60,10 +74,35 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="local", choices=["fake", "local"], help="numpy fake or torch (default)")
     p.add_argument("--sampler-engine", default="auto", choices=["auto", "hf", "vllm"])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--api-key", default=os.environ.get("LOOPS_API_KEY"), help="required off loopback")
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused: see _read_api_key
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the API key (else LOOPS_API_KEY); required off loopback, >= 16 characters")
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="server log level; info logs one line per request (default: LOOPS_LOG_LEVEL or info)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _read_api_key(parser: argparse.ArgumentParser, path: str | None) -> str | None:
+    if not path:
+        return os.environ.get("LOOPS_API_KEY") or None
+    try:
+        key = Path(path).expanduser().read_text().strip()
+    except OSError as exc:
+        parser.error(f"--api-key-file {path}: {exc.strerror}")
+    if not key:
+        parser.error(f"--api-key-file {path} is empty")
+    return key
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    return args.log_level or os.environ.get("LOOPS_LOG_LEVEL") or "info"
+
+
+def _publish_token() -> str:
+    """The secret a trainer shows its sampler when publishing (``X-Loops-Publish-Token``)."""
+    return os.environ.get("LOOPS_PUBLISH_TOKEN") or ""
 
 
 def _backends(args: argparse.Namespace) -> int:
@@ -103,8 +142,12 @@ def _serve(args: argparse.Namespace) -> int:
     require_key_off_loopback(args.host, args.api_key)
     make_trainer, make_sampler = _engines(args)
     sampler = SamplerServer(make_sampler(), api_key=args.api_key)
-    link = SamplerLink(url="http://sampler", transport=httpx.ASGITransport(app=sampler.app),
-                       headers={"Authorization": f"Api-Key {args.api_key}"} if args.api_key else None)
+    # Only the paired trainer may move the sampler's policy version.
+    sampler.publish_token = _publish_token() or secrets.token_urlsafe(24)
+    headers = {"X-Loops-Publish-Token": sampler.publish_token}
+    if args.api_key:
+        headers["Authorization"] = f"Api-Key {args.api_key}"
+    link = SamplerLink(url="http://sampler", transport=httpx.ASGITransport(app=sampler.app), headers=headers)
     trainer = TrainerServer(make_trainer(), run_id=f"run-{uuid.uuid4().hex[:12]}", sampler=link, seed=args.seed,
                             api_key=args.api_key)
 
@@ -113,8 +156,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"trainer: {t.url}\nsampler: {s.url}\n"
               f"connect: ServiceClient.local(trainer_url={t.url!r}, sampler_url={s.url!r})", flush=True)
 
-    serve([Listener("trainer", trainer.app, args.host, args.trainer_port),
-           Listener("sampler", sampler.app, args.host, args.sampler_port)], parent_pid=args.parent_pid, on_ready=ready)
+    serve([Listener("trainer", trainer.app, args.host, args.trainer_port, flag="--trainer-port"),
+           Listener("sampler", sampler.app, args.host, args.sampler_port, flag="--sampler-port")],
+          parent_pid=args.parent_pid, on_ready=ready, log_level=_log_level(args))
     return 0
 
 
@@ -126,11 +170,14 @@ def _serve_trainer(args: argparse.Namespace) -> int:
     make_trainer, _ = _engines(args)
     link = None
     if args.sampler_url:
-        link = SamplerLink(url=args.sampler_url,
-                           headers={"Authorization": f"Api-Key {args.api_key}"} if args.api_key else None)
+        headers = {"Authorization": f"Api-Key {args.api_key}"} if args.api_key else {}
+        if _publish_token():
+            headers["X-Loops-Publish-Token"] = _publish_token()
+        link = SamplerLink(url=args.sampler_url, headers=headers or None)
     trainer = TrainerServer(make_trainer(), run_id=args.run_id or f"run-{uuid.uuid4().hex[:12]}", sampler=link,
                             seed=args.seed, api_key=args.api_key)
-    serve([Listener("trainer", trainer.app, args.host, args.port)], parent_pid=args.parent_pid)
+    serve([Listener("trainer", trainer.app, args.host, args.port)], parent_pid=args.parent_pid,
+          log_level=_log_level(args))
     return 0
 
 
@@ -141,7 +188,9 @@ def _serve_sampler(args: argparse.Namespace) -> int:
     require_key_off_loopback(args.host, args.api_key)
     _, make_sampler = _engines(args)
     sampler = SamplerServer(make_sampler(), api_key=args.api_key)
-    serve([Listener("sampler", sampler.app, args.host, args.port)], parent_pid=args.parent_pid)
+    sampler.publish_token = _publish_token() or None
+    serve([Listener("sampler", sampler.app, args.host, args.port)], parent_pid=args.parent_pid,
+          log_level=_log_level(args))
     return 0
 
 

@@ -175,8 +175,8 @@ def test_api_key_required_off_loopback_and_enforced():
 def served():
     """``loops serve --engine fake`` on real loopback sockets."""
     proc = subprocess.Popen([sys.executable, "-m", "loops_core.cli", "serve", "--model", "fake-model", "--engine",
-                             "fake", "--trainer-port", "0", "--sampler-port", "0", "--api-key", "k"],
-                            stdout=subprocess.PIPE, text=True)
+                             "fake", "--trainer-port", "0", "--sampler-port", "0"],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "LOOPS_API_KEY": "k"})
     urls = json.loads(proc.stdout.readline())["urls"]
     yield urls
     proc.terminate()

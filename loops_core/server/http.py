@@ -108,7 +108,8 @@ class BadRequest(Exception):
 
 
 def decode_body(raw: bytes, max_depth: int) -> dict[str, Any]:
-    """The JSON object in ``raw``: strict UTF-8, no NaN/Infinity literals, bounded nesting, no lone surrogates."""
+    """The JSON object in ``raw``: strict UTF-8, bounded nesting, no lone surrogates. NaN and Infinity
+    literals parse (some clients send them) and are refused by the route's model, naming the field."""
     if not raw:
         return {}
     try:
@@ -116,19 +117,15 @@ def decode_body(raw: bytes, max_depth: int) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise BadRequest(400, f"request body is not valid UTF-8 (bad byte at offset {exc.start})", "body") from None
     try:
-        body = json.loads(text, parse_constant=_no_constant)
+        body = json.loads(text)
     except RecursionError:
         raise BadRequest(400, f"request body nests deeper than {max_depth} levels", "body") from None
-    except ValueError as exc:  # JSONDecodeError, NaN literals, integers of more than 4300 digits
+    except ValueError as exc:  # JSONDecodeError, integers of more than 4300 digits
         raise BadRequest(400, f"request body is not valid JSON: {exc}", "body") from None
     if not isinstance(body, dict):
         raise BadRequest(400, "request body must be a JSON object", "body")
     _check_tree(body, max_depth)
     return body
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows; send finite numbers")
 
 
 def _check_tree(root: Any, max_depth: int) -> None:
@@ -187,6 +184,8 @@ class Guard:
         self.limits = limits or getattr(server, "limits", None) or Limits.from_env()
         self._keys: OrderedDict[str, str] = OrderedDict()  # Idempotency-Key -> fingerprint of (route, body)
         self._max_keys = 100_000
+        self._owed: set[str] = set()  # during shutdown: operations whose answer no poll has fetched yet
+        self._in_flight = 0  # submits and samples being handled now
 
     # ---- shutdown ------------------------------------------------------------------------------
     @property
@@ -203,16 +202,20 @@ class Guard:
 
     def begin_shutdown(self) -> None:
         """Refuse new submits (503) and fail every queued operation; the running ones finish."""
-        self.server.shutting_down = True
+        if self.server is not None:
+            self.server.shutting_down = True
         for q in self.queues():
-            q.shutdown()
+            self._owed.update(q.shutdown())
 
     async def drain(self, timeout: float) -> None:
-        """Wait (at most ``timeout`` s) for the running operations, then ``limits.drain_s`` for pollers."""
+        """Wait (at most ``timeout`` s) for running operations and requests, then up to ``limits.drain_s``
+        until every operation queued or running at the signal has been fetched by a poll."""
         deadline = time.monotonic() + timeout
-        while any(q.running is not None for q in self.queues()) and time.monotonic() < deadline:
+        while (self._in_flight or any(q.running is not None for q in self.queues())) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await asyncio.sleep(min(self.limits.drain_s, max(0.0, deadline - time.monotonic())))
+        polls_end = time.monotonic() + self.limits.drain_s
+        while self._owed and time.monotonic() < polls_end:
+            await asyncio.sleep(0.05)
 
     # ---- ASGI ------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -238,6 +241,8 @@ class Guard:
         path = scope["path"]
         if path.startswith("/operations/"):
             seen["op"] = path[len("/operations/"):]
+        counted = path in self.submits
+        self._in_flight += counted
         try:
             refusal = await self._admit(scope, receive)
             if isinstance(refusal, Response):
@@ -249,6 +254,9 @@ class Guard:
             if not seen["status"]:
                 await error_response(500, f"internal server error ({type(exc).__name__})")(scope, receive, send_logged)
         finally:
+            self._in_flight -= counted
+            if self._owed and seen["op"] and seen["status"] in (200, 503) and path.startswith("/operations/"):
+                self._owed.discard(seen["op"])
             ms = (time.monotonic() - started) * 1000
             status = seen["status"] if seen["done"] or seen["status"] else 499  # 499: the client went away
             log.info("%s %s %d %.1fms op=%s", scope.get("method"), path, status, ms, seen["op"] or "-")

@@ -181,9 +181,12 @@ class OperationQueue:
         op.done.set()
         self._evict()
 
-    def shutdown(self) -> None:
-        """Fail every queued operation with ServerShutdownError and run nothing more."""
+    def shutdown(self) -> list[str]:
+        """Fail every queued operation with ServerShutdownError and run nothing more.
+
+        Returns the ids of the operations whose clients are still owed an answer (queued and running)."""
         self.closing = True
+        owed = [op.id for op in self._pending] + ([self.running.id] if self.running else [])
         pending, self._pending = self._pending, []
         for op in pending:
             op.error = "the server is shutting down; this operation never ran: submit it again elsewhere"
@@ -193,6 +196,7 @@ class OperationQueue:
             log.warning("shutdown: %d queued operation(s) failed with %s", len(pending), SHUTDOWN)
         if self._wake is not None:
             self._wake.set()
+        return owed
 
     def close(self) -> None:
         """Stop the runner (callable from any thread). Pending operations are abandoned."""

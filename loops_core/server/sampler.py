@@ -142,15 +142,21 @@ class SamplerServer:
                 await self._drop(a)
 
     async def _by_path(self, path: str) -> Adapter:
-        hits = [a for a in self.adapters.values() if a.path == path]
+        directory = self.store.resolve(path, kind="sampler_weights")
+        hits = [a for a in self.adapters.values() if a.path in (path, str(directory.resolve()))]
         if hits:
             return max(hits, key=lambda a: a.engine_id)
-        directory = self.store.resolve(path, kind="sampler_weights")  # the kind is checked for URIs only
         async with self._locked():
             self._next_adhoc += 1
-            a = Adapter(self._next_adhoc, path.rstrip("/").rsplit("/", 1)[-1], path, None, time.monotonic())
+            # Keyed by the resolved directory: other spellings of one path share one adapter.
+            a = Adapter(self._next_adhoc, path.rstrip("/").rsplit("/", 1)[-1], str(directory.resolve()), None,
+                        time.monotonic())
             await self.engine.load_adapter(a.engine_id, directory)
             self.adapters[a.engine_id] = a
+            adhoc = sorted((x for x in self.adapters.values() if x.policy_version is None and x is not a),
+                           key=lambda x: x.last_used)
+            for old in adhoc[:max(0, len(adhoc) + 1 - self.app.limits.max_adhoc_adapters)]:  # least recently used
+                await self._drop(old)
         return a
 
     async def _choose(self, request: Request) -> Adapter | None | Response:
