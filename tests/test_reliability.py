@@ -18,8 +18,9 @@ import pytest
 
 from loops_backends.fake.backend import fake_pair
 from loops_core.checkpoints import CheckpointStore
-from loops_core.errors import InvalidRequestError, NotFoundError
+from loops_core.errors import InvalidRequestError, NotFoundError, ServerShutdownError
 from loops_core.server.operations import OperationQueue
+from loops_core.wire import Endpoint, WireClient
 
 FB = "/forward_backward"
 
@@ -139,6 +140,10 @@ def test_idempotency_key_is_scoped_to_route_and_body():
             assert other_route.status_code == 409 and other_route.json()["error"]["field"] == "Idempotency-Key"
             other_body = await c.post("/forward", json={"data": [_datum((1, 2, 3))]}, headers=h)
             assert other_body.status_code == 409
+            # a refused submit does not use up its key: the corrected request may reuse it
+            h2 = {"Idempotency-Key": "fixed-later"}
+            assert (await c.post("/forward", json={"data": []}, headers=h2)).status_code == 400
+            assert (await c.post("/forward", json={"data": [_datum()]}, headers=h2)).status_code == 202
 
     _run(main())
 
@@ -197,6 +202,10 @@ def test_shutdown_fails_queued_ops_with_503_and_finishes_the_running_one():
             for op in queued:
                 r = await c.get(f"/operations/{op}")
                 assert r.status_code == 503 and r.json()["error_class"] == "ServerShutdownError"
+            wire = WireClient(Endpoint(url="http://t", transport=httpx.ASGITransport(app=trainer.app)))
+            with pytest.raises(ServerShutdownError):  # what the loops client raises for a queued op
+                await wire.poll(queued[0], what="init")
+            await wire.aclose()
             r = await _result(c, httpx.Response(202, json={"operation_id": running}))
             assert r.status_code == 200 and r.json()["status"] == "done"
             await asyncio.wait_for(trainer.app.drain(5), 5)

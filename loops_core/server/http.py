@@ -255,6 +255,8 @@ class Guard:
                 await error_response(500, f"internal server error ({type(exc).__name__})")(scope, receive, send_logged)
         finally:
             self._in_flight -= counted
+            if seen["status"] == 202 and "loops.idempotency" in scope:
+                self._remember(*scope["loops.idempotency"])
             if self._owed and seen["op"] and seen["status"] in (200, 503) and path.startswith("/operations/"):
                 self._owed.discard(seen["op"])
             ms = (time.monotonic() - started) * 1000
@@ -298,12 +300,15 @@ class Guard:
                 return error_response(409, f"Idempotency-Key {key[:80]!r} was already used for another request "
                                            "(another route or body); use a fresh key per request",
                                       field="Idempotency-Key")
-            self._keys[key] = fingerprint
-            self._keys.move_to_end(key)
-            while len(self._keys) > self._max_keys:
-                self._keys.popitem(last=False)
+            scope["loops.idempotency"] = (key, fingerprint)  # remembered once the submit is accepted
         scope["loops.body"] = body
         return raw
+
+    def _remember(self, key: str, fingerprint: str) -> None:
+        self._keys[key] = fingerprint
+        self._keys.move_to_end(key)
+        while len(self._keys) > self._max_keys:
+            self._keys.popitem(last=False)
 
     def _engine_limits(self) -> dict[str, Any]:
         engine = getattr(self.server, "engine", None)
