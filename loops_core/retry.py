@@ -32,9 +32,6 @@ import tenacity
 
 from .errors import APIConnectionError, LoopsError, ServerRestartedError
 
-DEFAULT_UNREACHABLE_TIMEOUT = 30.0
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
     name: str

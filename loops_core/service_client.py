@@ -46,7 +46,6 @@ class ServiceClient(ClientLifecycle):
                                reuse_from_session_id=settings.reuse_from_session_id, options=options)
         chosen = backend if isinstance(backend, Backend) else load_backend(settings.backend)(config)
         self._session = Session(chosen)
-        self._unreachable_timeout = settings.unreachable_timeout
         self._session_id = run_sync(chosen.start_session())
 
     @classmethod

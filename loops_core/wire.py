@@ -31,7 +31,8 @@ from ._version import __version__
 from .errors import (APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError, ClientClosedError,
                      InvalidRequestError, NotFoundError, RemoteOpError, ServerRestartedError, ServerShutdownError,
                      UnknownRequestError)
-from .retry import DATA_POLL, DATA_SUBMIT, DEFAULT_UNREACHABLE_TIMEOUT, RetryPolicy, retry_after_seconds
+from .retry import DATA_POLL, DATA_SUBMIT, RetryPolicy, retry_after_seconds
+from .settings import client_settings
 
 INCARNATION_HEADER = "X-Loops-Incarnation"
 
@@ -123,7 +124,7 @@ class WireClient:
         self.endpoint = endpoint
         self.timeout = timeout
         self.ready_timeout = ready_timeout
-        self.unreachable_timeout = unreachable_timeout or DEFAULT_UNREACHABLE_TIMEOUT
+        self.unreachable_timeout = unreachable_timeout or client_settings().unreachable_timeout
         self.extra_headers = dict(extra_headers or {})
         self.incarnation: str | None = None
         self.closed = False
