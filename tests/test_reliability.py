@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from loops_backends.fake.backend import fake_pair
+from loops_core.server.http import find_guard
 from loops_core.checkpoints import CheckpointStore
 from loops_core.errors import InvalidRequestError, NotFoundError, ServerShutdownError
 from loops_core.server.operations import OperationQueue
@@ -85,7 +86,7 @@ def test_non_finite_and_loose_inputs_are_refused_at_submit_and_state_is_unchange
 
 def test_body_utf8_nesting_size_and_echo_limits():
     trainer, sampler = fake_pair("m", rank=4)
-    trainer.app.limits = type(trainer.app.limits)(max_body_bytes=20_000)
+    find_guard(trainer.app).limits = type(find_guard(trainer.app).limits)(max_body_bytes=20_000)
 
     async def main():
         async with _client(trainer.app) as c, _client(sampler.app) as s:
@@ -112,7 +113,7 @@ def test_body_utf8_nesting_size_and_echo_limits():
 def test_non_ascii_authorization_is_a_401_on_every_route():
     trainer, sampler = fake_pair("m", rank=4)
     for server in (trainer, sampler):
-        server.app.api_key = b"k" * 16
+        find_guard(server.app).api_key = b"k" * 16
 
     async def main():
         for app, path in [(trainer.app, "/forward_backward"), (trainer.app, "/operations/x"), (sampler.app, "/sample")]:
@@ -196,7 +197,7 @@ def test_shutdown_fails_queued_ops_with_503_and_finishes_the_running_one():
             queued = [(await c.post("/init_trainer_server", json={"lora_rank": 4})).json()["operation_id"]
                       for _ in range(3)]
             await asyncio.sleep(0.1)
-            trainer.app.begin_shutdown()
+            find_guard(trainer.app).begin_shutdown()
             new = await c.post("/init_trainer_server", json={"lora_rank": 4})
             assert new.status_code == 503 and new.json()["details"]["reason"] == "SHUTTING_DOWN"
             for op in queued:
@@ -208,8 +209,8 @@ def test_shutdown_fails_queued_ops_with_503_and_finishes_the_running_one():
             await wire.aclose()
             r = await _result(c, httpx.Response(202, json={"operation_id": running}))
             assert r.status_code == 200 and r.json()["status"] == "done"
-            await asyncio.wait_for(trainer.app.drain(5), 5)
-            assert not trainer.app._owed
+            await asyncio.wait_for(find_guard(trainer.app).drain(5), 5)
+            assert not find_guard(trainer.app)._owed
 
     _run(main())
 
@@ -313,7 +314,7 @@ def test_adhoc_adapters_are_keyed_by_resolved_path_and_lru_evicted(monkeypatch):
 
     trainer, _ = fake_pair("m", rank=4)
     sampler = SamplerServer(FakeSamplerEngine("m"), store=trainer.store)  # loads them by path only
-    sampler.app.limits = type(sampler.app.limits)(max_adhoc_adapters=2)
+    find_guard(sampler.app).limits = type(find_guard(sampler.app).limits)(max_adhoc_adapters=2)
 
     async def main():
         async with _client(trainer.app) as c, _client(sampler.app) as s:

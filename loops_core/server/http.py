@@ -2,7 +2,7 @@
 
 ``guard(app, ...)`` wraps a server's Starlette app. For every request it checks the API key
 (non-ASCII is a 401), logs one line (method, path, status, duration, operation id) to the
-``loops.server`` logger, and stamps ``x-loops-incarnation`` (an id that changes on restart). For a
+``loops.server`` logger. For a
 POST to a route with a request model (``requests.py``) it first reads the body within the size
 limit, checks UTF-8, JSON, nesting depth and lone surrogates, validates it with the route's model
 (a 400 naming the field), scopes the ``Idempotency-Key`` to (route, body) (a 409 on reuse with
@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
@@ -38,7 +37,6 @@ from ..errors import InvalidRequestError, NotFoundError
 from .requests import Limits, WireRequest
 
 log = logging.getLogger("loops.server")
-INCARNATION = uuid.uuid4().hex  # one per process: a restarted server answers with another
 MAX_ECHO = 400  # characters of a message that may quote client input
 
 Handler = Callable[..., Awaitable[Response]]
@@ -228,12 +226,9 @@ class Guard:
         async def send_logged(message: dict) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
-                headers = list(message.get("headers") or [])
-                for k, v in headers:
+                for k, v in message.get("headers") or []:
                     if k == b"location" and v.startswith(b"/operations/"):
                         seen["op"] = v[len(b"/operations/"):].decode("latin-1")
-                headers.append((b"x-loops-incarnation", INCARNATION.encode()))
-                message = {**message, "headers": headers}
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 seen["done"] = True
             await send(message)
@@ -293,6 +288,10 @@ class Guard:
             msg, fld = field_of(exc)
             return error_response(400, msg, field=fld)
         key = next((v for k, v in headers if k == b"idempotency-key"), b"").decode("latin-1")
+        if key and not (len(key) <= 256 and key.isascii() and key.isprintable() and " " not in key):
+            # It becomes the operation id, a path segment of /operations/{id}.
+            return error_response(400, "Idempotency-Key must be at most 256 visible ASCII characters "
+                                       "(e.g. a UUID)", field="Idempotency-Key")
         if key and path in self.submits:
             fingerprint = hashlib.sha256(path.encode() + b"\n" + raw).hexdigest()
             known = self._keys.get(key)
@@ -387,6 +386,13 @@ def _check_poll_query(scope: dict) -> Response | None:
         if not ok:
             return error_response(400, "timeout must be a finite number of seconds >= 0", field="timeout")
     return None
+
+
+def find_guard(app: Any) -> Guard | None:
+    """The Guard inside ``app`` (a server's app may be wrapped, e.g. by IncarnationMiddleware)."""
+    while app is not None and not isinstance(app, Guard):
+        app = getattr(app, "app", None)
+    return app
 
 
 def guard(app: Any, server: Any, *, api_key: str | None, role: str) -> Guard:

@@ -40,7 +40,7 @@ class Limits:
     max_sample_tokens: int = 1 << 21  # n * (prompt + max_tokens) per /sample call
     max_lora_rank: int = 4096
     # Not limits of a request but sized with them: the operation store and ad-hoc adapters.
-    max_result_bytes: int = 256 << 20
+    max_result_bytes: int = 128 << 20  # JSON bytes; Python objects take ~1.6x that in RSS
     max_adhoc_adapters: int = 8
     drain_s: float = 10.0  # how long a shutting-down server keeps answering polls
 

@@ -105,7 +105,9 @@ def serve(listeners: list[Listener], *, parent_pid: int | None = None, on_ready:
 
     async def drain_then_exit() -> None:
         await stop["event"].wait()
-        guards = [lst.app for lst in listeners if hasattr(lst.app, "begin_shutdown")]
+        from .http import find_guard
+
+        guards = [g for g in (find_guard(lst.app) for lst in listeners) if g is not None]
         logging.getLogger("loops.server").warning("shutting down: new submits get 503; finishing running work")
         for g in guards:
             g.begin_shutdown()

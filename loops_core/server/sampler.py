@@ -40,7 +40,8 @@ from ..checkpoints import CheckpointStore
 from ..engine import GenerationRequest, SamplerEngine
 from ..errors import InvalidRequestError
 from .stats import stats_route
-from .http import guard, error_response, guarded, json_body
+from .incarnation import IncarnationMiddleware
+from .http import find_guard, guard, error_response, guarded, json_body
 
 DEFAULT_MAX_TOKENS = 16  # as vLLM's completions endpoint
 _ADHOC_BASE = 1_000_000_000  # engine ids for checkpoints loaded by path, apart from policy versions
@@ -79,7 +80,7 @@ class SamplerServer:
             Route("/health", self._health, methods=["GET"]),
             Route("/stats", stats_route, methods=["GET"]),
         ]
-        self.app = guard(Starlette(routes=routes), self, api_key=api_key, role="sampler")
+        self.app = IncarnationMiddleware(guard(Starlette(routes=routes), self, api_key=api_key, role="sampler"))
 
     @property
     def live_version(self) -> int:
@@ -155,7 +156,7 @@ class SamplerServer:
             self.adapters[a.engine_id] = a
             adhoc = sorted((x for x in self.adapters.values() if x.policy_version is None and x is not a),
                            key=lambda x: x.last_used)
-            for old in adhoc[:max(0, len(adhoc) + 1 - self.app.limits.max_adhoc_adapters)]:  # least recently used
+            for old in adhoc[:max(0, len(adhoc) + 1 - find_guard(self.app).limits.max_adhoc_adapters)]:  # least recently used
                 await self._drop(old)
         return a
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import pickle
 
@@ -87,6 +88,7 @@ def test_discovery_tokenizer_readiness_and_pickling(tc, pair):
     assert sc.get_base_model() == tc.get_info().model_name
     assert sc.get_tokenizer().decode(pair[0])
     assert sc.ensure_ready() is None
+    assert asyncio.run(sc.ensure_ready_async(30.0)) is None
     SamplingClient.ensure_ready_for_deployment(base_model=sc.get_base_model(), deployment=sc._endpoint,
                                                ready_timeout=30)
     clone = pickle.loads(pickle.dumps(sc))

@@ -118,7 +118,7 @@ class RestClient:
         return run(APIFuture, go())
 
     async def _delete(self, service: loops_core.ServiceClient, run_id: str, checkpoint_id: str) -> None:
-        if not isinstance(getattr(service, "_backend", None), LocalCheckpoints):
+        if not isinstance(service.backend, LocalCheckpoints):
             raise InvalidRequestError(f"deleting checkpoints is not supported on the {service.backend_name!r} "
                                       "backend", field="checkpoint_id")
         CheckpointStore().delete(f"{run_id}/{checkpoint_id}")  # NotFoundError when absent
