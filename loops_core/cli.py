@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                      "Set LOOPS_API_KEY or pass --api-key-file PATH")
     if hasattr(args, "api_key_file"):
         args.api_key = _read_api_key(parser, args.api_key_file)
+    if getattr(args, "checkpoint_root", None):  # read by CheckpointStore when it checks a path
+        roots = [os.environ.get("LOOPS_CHECKPOINT_ROOTS", ""), *args.checkpoint_root]
+        os.environ["LOOPS_CHECKPOINT_ROOTS"] = os.pathsep.join(r for r in roots if r)
     return {"backends": _backends, "serve": _serve, "serve-trainer": _serve_trainer,
             "serve-sampler": _serve_sampler, "emulate": _emulate}[args.command](args)
 
@@ -78,8 +81,12 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused: see _read_api_key
     p.add_argument("--api-key-file", default=None,
                    help="file holding the API key (else LOOPS_API_KEY); required off loopback, >= 16 characters")
+    p.add_argument("--checkpoint-root", action="append", default=[], metavar="DIR",
+                   help="a directory (besides $LOOPS_HOME/runs) that load paths may point into; repeatable "
+                        "(also LOOPS_CHECKPOINT_ROOTS)")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
-                   help="server log level; info logs one line per request (default: LOOPS_LOG_LEVEL or info)")
+                   help="info logs one line per request (default: LOOPS_LOG_LEVEL, else info for serve, "
+                        "warning for serve-trainer/serve-sampler)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -98,7 +105,10 @@ def _read_api_key(parser: argparse.ArgumentParser, path: str | None) -> str | No
 
 
 def _log_level(args: argparse.Namespace) -> str:
-    return args.log_level or os.environ.get("LOOPS_LOG_LEVEL") or "info"
+    # `loops serve` is watched by a person: a line per request. The servers a backend starts log to a
+    # file: warnings only, unless asked.
+    default = "info" if args.command == "serve" else "warning"
+    return args.log_level or os.environ.get("LOOPS_LOG_LEVEL") or default
 
 
 def _publish_token() -> str:

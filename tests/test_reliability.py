@@ -380,7 +380,7 @@ def test_one_log_line_per_request_with_status_duration_and_operation(caplog):
 def _serve(env_extra=None, args=()):
     env = {**os.environ, "LOOPS_DRAIN_S": "5", **(env_extra or {})}
     proc = subprocess.Popen([sys.executable, "-m", "loops_core.cli", "serve", "--model", "m", "--engine", "fake",
-                             "--trainer-port", "0", "--sampler-port", "0", *args],
+                             "--trainer-port", "0", "--sampler-port", "0", "--log-level", "warning", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if not line:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 import traceback
@@ -173,10 +172,7 @@ class OperationQueue:
     def _finish(self, op: Operation) -> None:
         op.fn = None
         op.finished_at = time.monotonic()
-        try:
-            op.size = len(json.dumps(op.payload(), default=str))
-        except (TypeError, ValueError):
-            op.size = 1024
+        op.size = json_size(op.result) + len(op.error or "") + 200
         self.kept_bytes += op.size
         op.done.set()
         self._evict()
@@ -213,3 +209,17 @@ class OperationQueue:
                 self.kept_bytes -= self._ops.pop(k).size
                 if self.kept_bytes <= self.max_bytes:
                     break
+
+
+def json_size(obj: Any) -> int:
+    """About how many bytes ``obj`` takes as JSON, without serialising it (results can be megabytes:
+    this runs on the event loop). A list of numbers counts 20 bytes an element."""
+    if isinstance(obj, dict):
+        return sum(len(str(k)) + 4 + json_size(v) for k, v in obj.items()) + 2
+    if isinstance(obj, list):
+        if obj and type(obj[0]) in (int, float):
+            return 20 * len(obj) + 2
+        return sum(json_size(x) + 1 for x in obj) + 2
+    if isinstance(obj, str):
+        return len(obj) + 2
+    return 8
