@@ -341,6 +341,11 @@ def test_adhoc_adapters_are_keyed_by_resolved_path_and_lru_evicted(monkeypatch):
             assert len(adhoc) == 2 and str(directory) not in {a.path for a in adhoc}
             r = await s.post("/sample", json={"prompt": [1, 2]}, headers={"X-Checkpoint-Path": "/etc"})
             assert r.status_code == 400
+            broken = trainer.store.root / "r" / "sampler_weights" / "broken"
+            broken.mkdir(parents=True, exist_ok=True)
+            (broken / "adapter_config.json").write_text("{}")
+            r = await s.post("/sample", json={"prompt": [1, 2]}, headers={"X-Checkpoint-Path": str(broken)})
+            assert r.status_code == 400 and r.json()["error"]["field"] == "X-Checkpoint-Path", r.text
 
     _run(main())
 

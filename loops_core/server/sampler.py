@@ -152,7 +152,11 @@ class SamplerServer:
             # Keyed by the resolved directory: other spellings of one path share one adapter.
             a = Adapter(self._next_adhoc, path.rstrip("/").rsplit("/", 1)[-1], str(directory.resolve()), None,
                         time.monotonic())
-            await self.engine.load_adapter(a.engine_id, directory)
+            try:
+                await self.engine.load_adapter(a.engine_id, directory)
+            except Exception as exc:  # a directory that only looks like an adapter: the client's input
+                raise InvalidRequestError(f"cannot load the adapter at {path[:200]!r}: {type(exc).__name__}: "
+                                          f"{str(exc)[:200]}", field="X-Checkpoint-Path") from None
             self.adapters[a.engine_id] = a
             adhoc = sorted((x for x in self.adapters.values() if x.policy_version is None and x is not a),
                            key=lambda x: x.last_used)
