@@ -21,6 +21,7 @@ from loops_core.server.http import find_guard
 from loops_core.checkpoints import CheckpointStore
 from loops_core.errors import InvalidRequestError, NotFoundError, ServerShutdownError
 from loops_core.server.operations import OperationQueue
+from loops_core.server.requests import Limits
 from loops_core.wire import Endpoint, WireClient
 
 FB = "/forward_backward"
@@ -86,7 +87,7 @@ def test_non_finite_and_loose_inputs_are_refused_at_submit_and_state_is_unchange
 
 def test_body_utf8_nesting_size_and_echo_limits():
     trainer, sampler = fake_pair("m", rank=4)
-    find_guard(trainer.app).limits = type(find_guard(trainer.app).limits)(max_body_bytes=20_000)
+    find_guard(trainer.app).limits = Limits(max_body_bytes=20_000)
 
     async def main():
         async with _client(trainer.app) as c, _client(sampler.app) as s:
@@ -314,7 +315,7 @@ def test_adhoc_adapters_are_keyed_by_resolved_path_and_lru_evicted(monkeypatch):
 
     trainer, _ = fake_pair("m", rank=4)
     sampler = SamplerServer(FakeSamplerEngine("m"), store=trainer.store)  # loads them by path only
-    find_guard(sampler.app).limits = type(find_guard(sampler.app).limits)(max_adhoc_adapters=2)
+    find_guard(sampler.app).limits = Limits(max_adhoc_adapters=2)
 
     async def main():
         async with _client(trainer.app) as c, _client(sampler.app) as s:

@@ -8,18 +8,16 @@ so every field the published client sends (``model``, ``seq_id``, ``run_id``,
 ``routed_experts_ref``, ...) is accepted. The route handlers still do their own semantic checks
 (loss names, vocabulary, checkpoint names); these models guarantee they only ever see sane types.
 
-Limits come from ``Limits`` (``Limits.from_env()`` reads ``LOOPS_MAX_*`` variables) and the engine's
+Limits come from ``Limits`` (``LOOPS_MAX_*`` environment variables, read when a server is built) and the engine's
 ``vocab_size`` / ``max_seq_len``, passed as validation context.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass, fields, replace
 from typing import Annotated, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..types import AdamParams, Datum
 
@@ -27,36 +25,33 @@ _FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 _I64 = 2**63
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask of a server. Every field can be set with ``LOOPS_<FIELD>`` (upper case)."""
+class Limits(BaseSettings):
+    """What one request may ask of a server, and what a server keeps. Each field can be set with
+    ``LOOPS_<FIELD>`` (upper case), e.g. ``LOOPS_MAX_BODY_BYTES``."""
 
-    max_body_bytes: int = 64 << 20  # an RL batch of 128 x 4k-token datums is ~30 MB of JSON
-    max_json_depth: int = 32
-    max_datums: int = 4096  # per forward / forward_backward call
-    max_tokens_per_call: int = 1 << 21  # input tokens summed over a call's datums
-    max_abs_loss_input: float = 1e9  # beyond this, float32 gradients overflow
-    max_n: int = 1024  # samples per /sample call
-    max_sample_tokens: int = 1 << 21  # n * (prompt + max_tokens) per /sample call
-    max_lora_rank: int = 4096
-    # Not limits of a request but sized with them: the operation store and ad-hoc adapters.
-    max_result_bytes: int = 128 << 20  # JSON bytes; Python objects take ~1.6x that in RSS
-    max_adhoc_adapters: int = 8
-    drain_s: float = 10.0  # how long a shutting-down server keeps answering polls
+    model_config = SettingsConfigDict(env_prefix="LOOPS_", extra="ignore", frozen=True)
+
+    max_body_bytes: int = Field(64 << 20, gt=0, description="request body limit (an RL batch of 128 x "
+                                "4k-token datums is ~30 MB of JSON)")
+    max_json_depth: int = Field(32, gt=1, description="nesting depth of a request body")
+    max_datums: int = Field(4096, gt=0, description="datums per forward / forward_backward call")
+    max_tokens_per_call: int = Field(1 << 21, gt=0, description="input tokens summed over a call's datums")
+    max_abs_loss_input: float = Field(1e9, gt=0, description="largest |value| in loss inputs (beyond it, "
+                                      "float32 gradients overflow)")
+    max_n: int = Field(1024, gt=0, description="samples per /sample call")
+    max_sample_tokens: int = Field(1 << 21, gt=0, description="n * (prompt + max_tokens) per /sample call")
+    max_lora_rank: int = Field(4096, gt=0)
+    max_result_bytes: int = Field(128 << 20, gt=0, description="finished results kept, as JSON bytes "
+                                  "(Python objects take ~1.6x that in RSS); oldest dropped first")
+    max_adhoc_adapters: int = Field(8, gt=0, description="adapters a sampler keeps loaded by path (LRU)")
+    shutdown_timeout_s: float = Field(120.0, ge=0, description="on SIGTERM: how long running work may finish")
+    drain_s: float = Field(10.0, ge=0, description="then: how long polls are still answered")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Limits":
-        env = os.environ if env is None else env
-        out = cls()
-        for f in fields(cls):
-            raw = env.get(f"LOOPS_{f.name.upper()}")
-            if raw:
-                kind = float if f.type in ("float", float) else int
-                try:
-                    out = replace(out, **{f.name: kind(raw)})
-                except ValueError:
-                    raise SystemExit(f"LOOPS_{f.name.upper()}={raw!r} is not a number") from None
-        return out
+    def from_env(cls) -> "Limits":
+        from ..settings import load_settings
+
+        return load_settings(cls)  # type: ignore[return-value]
 
 
 def _ctx(info: ValidationInfo) -> dict[str, Any]:
@@ -64,7 +59,7 @@ def _ctx(info: ValidationInfo) -> dict[str, Any]:
 
 
 def _limits(info: ValidationInfo) -> Limits:
-    return _ctx(info).get("limits") or Limits()
+    return _ctx(info).get("limits") or Limits.from_env()
 
 
 class WireRequest(BaseModel):
@@ -253,7 +248,3 @@ SAMPLER_REQUESTS: dict[str, type[WireRequest]] = {
     "/v1/load_lora_adapter": LoadAdapterRequest,
     "/v1/unload_lora_adapter": UnloadAdapterRequest,
 }
-
-
-def is_finite_number(v: Any) -> bool:
-    return type(v) in (int, float) and math.isfinite(v)

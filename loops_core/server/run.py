@@ -111,8 +111,7 @@ def serve(listeners: list[Listener], *, parent_pid: int | None = None, on_ready:
         logging.getLogger("loops.server").warning("shutting down: new submits get 503; finishing running work")
         for g in guards:
             g.begin_shutdown()
-        timeout = float(os.environ.get("LOOPS_SHUTDOWN_TIMEOUT_S") or 120)
-        await asyncio.gather(*(g.drain(timeout) for g in guards))
+        await asyncio.gather(*(g.drain(g.limits.shutdown_timeout_s) for g in guards))
         for srv in servers:
             srv.should_exit = True
 
