@@ -156,6 +156,7 @@ class Fuzzer:
                                         timeout=BOUND_S * 4)
         self.counts: Counter = Counter()
         self.slow: list[str] = []
+        self.max_s = 0.0
         self.accepted: list[tuple[str, bytes, dict[str, Any]]] = []
         self.run(setup(self.client, self.role))
 
@@ -167,7 +168,7 @@ class Fuzzer:
             t0 = time.monotonic()
             try:
                 r = await self.client.request(method, path, params=query, headers=headers, content=content)
-            except (httpx.LocalProtocolError, httpx.InvalidURL):  # httpx refused to send it (e.g. a bad header): not the server's
+            except (httpx.LocalProtocolError, httpx.InvalidURL):  # httpx would not send it: not the server's doing
                 self.counts["unsendable"] += 1
                 return 0
             status = r.status_code
@@ -178,6 +179,7 @@ class Fuzzer:
                     pass
                 assert p.status_code < 500, p.text
             elapsed = time.monotonic() - t0
+            self.max_s = max(self.max_s, elapsed)
             if elapsed > BOUND_S:
                 self.slow.append(f"{method} {path} {elapsed:.1f}s")
             if method == "POST" and 200 <= status < 300:
@@ -257,7 +259,8 @@ def _fuzz(role: str, bodies: dict[str, dict[str, Any]]) -> None:
         want = fresh.run(fixed_sequence(fresh.trainer.app, fresh.sampler.app, role))
         fresh.close()
         print(f"\nfuzz {role}: {sent} requests, 2xx={fz.counts['2xx']} 4xx={fz.counts['4xx']} "
-              f"5xx={fz.counts['5xx']} slow(>{BOUND_S}s)={len(fz.slow)} unsendable={fz.counts['unsendable']} "
+              f"5xx={fz.counts['5xx']} slow(>{BOUND_S}s)={len(fz.slow)} slowest={fz.max_s:.2f}s "
+              f"unsendable={fz.counts['unsendable']} "
               f"state unchanged={got == want}")
         assert fz.counts["5xx"] == 0 and not fz.slow, fz.slow
         assert sent >= EXAMPLES * 0.9

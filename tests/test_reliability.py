@@ -421,9 +421,10 @@ def test_sigterm_drains_running_fails_queued_refuses_new_then_exits():
 
 
 def test_cli_key_rules_version_and_port_in_use(tmp_path):
-    run = lambda *a, env=None: subprocess.run([sys.executable, "-m", "loops_core.cli", *a], capture_output=True,  # noqa: E731
-                                              text=True, env={**os.environ, "LOOPS_API_KEY": "", **(env or {})},
-                                              timeout=60)
+    def run(*a, env=None):
+        return subprocess.run([sys.executable, "-m", "loops_core.cli", *a], capture_output=True, text=True,
+                              env={**os.environ, "LOOPS_API_KEY": "", **(env or {})}, timeout=60)
+
     assert run("--version").stdout.startswith("loops ")
     r = run("serve", "--model", "m", "--engine", "fake", "--api-key", "secret")
     assert r.returncode != 0 and "LOOPS_API_KEY" in r.stderr and "--api-key-file" in r.stderr

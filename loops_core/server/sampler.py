@@ -160,7 +160,8 @@ class SamplerServer:
             self.adapters[a.engine_id] = a
             adhoc = sorted((x for x in self.adapters.values() if x.policy_version is None and x is not a),
                            key=lambda x: x.last_used)
-            for old in adhoc[:max(0, len(adhoc) + 1 - find_guard(self.app).limits.max_adhoc_adapters)]:  # least recently used
+            keep = find_guard(self.app).limits.max_adhoc_adapters
+            for old in adhoc[:max(0, len(adhoc) + 1 - keep)]:  # the least recently used go
                 await self._drop(old)
         return a
 
