@@ -134,6 +134,21 @@ def test_unknown_backend_lists_installed_ones(monkeypatch):
     assert "fake" in str(info.value) and "nope" in str(info.value)
 
 
+def test_unknown_backend_separates_installed_from_missing_extras():
+    class Plugin:
+        @loops_core.hookimpl
+        def register_backends(self, register):
+            register("gpuzilla", "gpuzilla_backend:Backend", extra="gpuzilla", requires=("gpuzilla_sdk_xyz",))
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(Plugin(), name="test-plugin")
+    with pytest.raises(BackendNotFoundError) as info:
+        load_backend("nope", pm)
+    installed = str(info.value).split("Installed backends:")[1].split(";")[0]
+    assert "fake" in installed and "gpuzilla" not in installed
+    assert "gpuzilla needs: pip install -e '.[gpuzilla]'" in str(info.value)
+
+
 def test_missing_extra_names_the_pip_command():
     info = BackendInfo("gpuzilla", "gpuzilla_backend:Backend", extra="gpuzilla", requires=("gpuzilla_sdk_xyz",))
     with pytest.raises(BackendUnavailableError) as exc:
