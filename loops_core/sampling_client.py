@@ -10,16 +10,18 @@ Two kinds, one class:
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import itertools
 import uuid
 from typing import Any
 
-from .errors import APIStatusError, InvalidRequestError
+from .errors import APIStatusError, APITimeoutError, InvalidRequestError
 from .futures import ClientLifecycle, on_loop, run_sync, twin
-from .retry import READINESS, SAMPLE
+from .retry import READINESS, SAMPLE, SAMPLE_QUEUED
 from .tokenizers import load_tokenizer
 from .types import ModelInput, SampledSequence, SampleResponse, SamplingParams
-from .wire import Endpoint, WireClient
+from .wire import Endpoint, WireClient, accepted_operation_id
 
 # In-process transports cannot be pickled; a pickled client refers to them by key instead.
 _TRANSPORTS: dict[int, Any] = {}
@@ -72,9 +74,33 @@ class SamplingClient(ClientLifecycle):
     async def _sample(self, prompt: ModelInput, num_samples: int, params: SamplingParams | None,
                       include_prompt_logprobs: bool, topk: int) -> SampleResponse:
         body = self._body(prompt, num_samples, params, include_prompt_logprobs, topk)
-        r = await self._wire.request("POST", "/sample", what="sample", json=body, policy=SAMPLE,
+        queued = self._endpoint.queued
+        if queued:  # the queue needs the model; a dedicated sampler may know it by another name
+            body["model"] = self._base_model
+            if self.checkpoint_path:
+                body["lora"] = self.checkpoint_path
+        r = await self._wire.request("POST", "/sample", what="sample", json=body,
+                                     policy=SAMPLE_QUEUED if queued else SAMPLE, accept=frozenset({202}),
                                      headers={"Idempotency-Key": str(uuid.uuid4())})
-        return parse_sample_response(r.json(), r.headers.get("x-trainers-policy-version"), body["prompt"], topk)
+        if queued != (r.status_code == 202):
+            raise APIStatusError(f"sample: {'expected' if queued else 'unexpected'} 202 from {self._endpoint.url}"
+                                 f"/sample (HTTP {r.status_code})", status_code=r.status_code)
+        if not queued:
+            return parse_sample_response(r.json(), r.headers.get("x-trainers-policy-version"), body["prompt"], topk)
+        return parse_sample_response(await self._await_queued(accepted_operation_id(r, "sample")), None,
+                                     body["prompt"], topk)
+
+    async def _await_queued(self, op_id: str) -> dict[str, Any]:
+        """The result of a queued sample; one nobody waits for any more is cancelled."""
+        try:
+            return await asyncio.wait_for(self._wire.poll(op_id, what="sample"), self.timeout)
+        except asyncio.TimeoutError:
+            await self._wire.cancel(op_id)
+            raise APITimeoutError(f"sample: no result within {self.timeout} s (operation {op_id} cancelled)") \
+                from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._wire.cancel(op_id))
+            raise
 
     def _body(self, prompt: ModelInput, n: int, params: SamplingParams | None, include: bool,
               topk: int) -> dict[str, Any]:
@@ -88,8 +114,7 @@ class SamplingClient(ClientLifecycle):
             include = True  # top-k alternatives come with the prompt logprobs
         p = params or SamplingParams()
         body: dict[str, Any] = {"prompt": prompt.to_ints(), "n": n, "temperature": p.temperature,
-                                "top_p": p.top_p, "logprobs": 0, "return_tokens_as_token_ids": True,
-                                "model": self._base_model}
+                                "top_p": p.top_p, "logprobs": 0, "return_tokens_as_token_ids": True}
         if p.max_tokens is not None:
             body["max_tokens"] = p.max_tokens
         if p.seed is not None:
@@ -157,7 +182,6 @@ class SamplingClient(ClientLifecycle):
         if ep.transport is not None:
             key = next(_keys)
             _TRANSPORTS[key] = ep.transport
-            state["_endpoint"] = Endpoint(url=ep.url, headers=dict(ep.headers), api_key=ep.api_key)
             state["_transport_key"] = key
         return state
 
@@ -168,7 +192,7 @@ class SamplingClient(ClientLifecycle):
             if key not in _TRANSPORTS:
                 raise RuntimeError("this SamplingClient talks to an in-process sampler and cannot move to "
                                    "another process")
-            ep = Endpoint(url=ep.url, headers=dict(ep.headers), api_key=ep.api_key, transport=_TRANSPORTS[key])
+            ep = dataclasses.replace(ep, transport=_TRANSPORTS[key])
         self.__init__(ep, base_model=state["_base_model"], policy_version=state["policy_version"],  # type: ignore[misc]
                       min_policy_version=state["min_policy_version"], checkpoint_path=state["checkpoint_path"],
                       timeout=state["timeout"], ready_timeout=state["ready_timeout"],

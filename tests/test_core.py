@@ -206,3 +206,21 @@ def test_all_is_sorted_and_complete():
     assert loops_core.__all__ == sorted(loops_core.__all__)
     for name in loops_core.__all__:
         assert hasattr(loops_core, name), name
+
+
+def test_pickled_sampling_client_carries_no_key(monkeypatch):
+    import pickle
+
+    from loops_core import AuthenticationError, SamplingClient
+    from loops_core.wire import Endpoint
+
+    secret = "k3y-" + "x" * 28
+    sc = SamplingClient(Endpoint(url="http://127.0.0.1:9", api_key=secret, api_key_env="MY_LOOPS_KEY"),
+                        base_model="m")
+    blob = pickle.dumps(sc)
+    assert secret.encode() not in blob
+    monkeypatch.delenv("MY_LOOPS_KEY", raising=False)
+    with pytest.raises(AuthenticationError, match="MY_LOOPS_KEY"):
+        pickle.loads(blob)
+    monkeypatch.setenv("MY_LOOPS_KEY", secret)
+    assert pickle.loads(blob)._endpoint.api_key == secret
