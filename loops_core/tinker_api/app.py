@@ -40,6 +40,7 @@ DYNAMIC_CONFIG = {"refresh_interval_sec": 300, "sample_cancel_enabled": True, "s
 UNSUPPORTED = {
     ("POST", "/api/v1/auth/token"): "JWT exchange is off on this server (client config pjwt_auth_enabled=false)",
     ("GET", "/api/v1/auth/apikey/me"): "loops keeps no accounts",
+    ("DELETE", "/api/v1/auth/apikey/me"): "loops keeps no accounts",
     ("POST", "/api/v1/copy_weights"): "loops has no projects to copy checkpoints between",
     ("POST", "/api/v1/create_custom_loss"): "server-side custom losses are off (forward_backward_custom runs "
                                             "the loss in the client)",

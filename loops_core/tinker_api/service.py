@@ -124,6 +124,9 @@ class TinkerService:
                                           "MLP together", field=f"lora_config.{part}")
         _check_optimizer(body.get("optimizer_config"))
         rank, seed = lora.get("rank", 32), lora.get("seed")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise InvalidRequestError(f"lora_config.rank must be a positive integer, got {rank!r}",
+                                      field="lora_config.rank")
         model_id = self._new_model_id(session, body.get("model_seq_id"))
         if model_id in self._creating:  # the SDK retried its POST
             return self._creating[model_id]
