@@ -60,7 +60,8 @@ def fwd_loss(tc, data):
 def supervised(sc):
     tc = sc.create_lora_training_client(base_model=BASE, rank=8, seed=0).result()
     data = [sl_datum(TOKENS), sl_datum(TOKENS[2:])]
-    losses = train(tc, data, int(sys.argv[2]) if len(sys.argv) > 2 else 12)
+    steps, lr = (int(sys.argv[2]), float(sys.argv[3])) if len(sys.argv) > 3 else (12, 0.05)
+    losses = train(tc, data, steps, lr)
     out = tc.forward(data, "cross_entropy").result()
     client = tc.save_weights_and_get_sampling_client()
     sample = client.sample(types.ModelInput.from_ints(TOKENS[:4]), num_samples=2,
@@ -368,6 +369,25 @@ def test_bad_input_gets_the_matching_sdk_error_at_once(tinker_python: Path, fake
     assert fresh == pytest.approx(before)  # the same seed and data after the bad requests: nothing leaked
 
 
+def test_a_retried_submission_runs_once(fake_server: Server):
+    """The SDK retries a POST with the same X-Idempotency-Key: the server answers it with the first
+    submission's future instead of running it twice (plain HTTP, the SDK's wire shapes)."""
+    import httpx
+
+    with httpx.Client(base_url=fake_server.url, headers={"X-API-Key": "tml-local"}, timeout=60) as http:
+        session = http.post("/api/v1/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": SDK})
+        body = {"session_id": session.json()["session_id"], "model_seq_id": 0, "base_model": "loops/tiny-qwen3",
+                "lora_config": {"rank": 4}}
+        request_id = http.post("/api/v1/create_model", json=body).json()["request_id"]
+        while (done := http.post("/api/v1/retrieve_future", json={"request_id": request_id}).json()).get(
+                "type") == "try_again":
+            pass
+        step = {"model_id": done["model_id"], "adam_params": {"learning_rate": 0.1}, "seq_id": 1}
+        first, again, other = (http.post("/api/v1/optim_step", json=step, headers={"X-Idempotency-Key": key}).json()
+                               for key in ("k-1", "k-1", "k-2"))
+        assert first["request_id"] == again["request_id"] != other["request_id"]
+
+
 def test_wrong_api_key_is_an_authentication_error(tinker_python: Path, tmp_path: Path):
     server = Server(tmp_path, "fake", api_key="tml-the-right-key")
     try:
@@ -432,7 +452,7 @@ print(json.dumps({"version": tinker.__version__, "routes": sorted(routes), "lite
 def test_local_engine_tiny_qwen3(tinker_python: Path, tmp_path: Path):
     server = Server(tmp_path, "local")
     try:
-        r = drive(tinker_python, server, "supervised", "6", timeout=400)
+        r = drive(tinker_python, server, "supervised", "8", "0.005", timeout=400)
     finally:
         server.stop()
     losses = r["losses"]

@@ -9,9 +9,11 @@ features loops does not offer answer 400 with the reason (``UNSUPPORTED``).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
 from pydantic import ValidationError
@@ -247,7 +249,10 @@ def create_app(svc: TinkerService, *, api_key: str | None = None) -> Any:
         ("GET", "/api/v1/checkpoints", user_checkpoints),
         ("POST", "/api/v1/weights_info", weights_info),
     ] + [(method, path, unsupported(reason)) for (method, path), reason in UNSUPPORTED.items()]
-    routes = [Route(path, _guarded(handler), methods=[method]) for method, path, handler in served]
+    submits = {create_model, forward_backward, optim_step, save_weights, save_for_sampler, load_weights, asample}
+    once = Idempotent()
+    routes = [Route(path, _guarded(once(handler) if handler in submits else handler), methods=[method])
+              for method, path, handler in served]
     app = Starlette(routes=routes)
     app.state.routes_served = [(method, path) for method, path, _ in served]
     return ApiKeyCheck(app, api_key) if api_key else app
@@ -281,6 +286,45 @@ def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
             return error(400, f"loops could not run {request.url.path}: {type(exc).__name__}: {exc}")
 
     return wrapped
+
+
+class Idempotent:
+    """A retried submission gets the first one's answer, not a second run.
+
+    The SDK's HTTP client puts one ``X-Idempotency-Key`` on a request and all its retries (after a
+    timeout, say); a retry that arrives while the first is still being handled waits for it.
+    """
+
+    def __init__(self, keep: int = 10_000):
+        self.keep = keep
+        self.answers: OrderedDict[str, asyncio.Future[Response]] = OrderedDict()
+
+    def __call__(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            key = request.headers.get("x-idempotency-key")
+            if not key:
+                return await handler(request)
+            key = f"{request.url.path} {key}"
+            if key in self.answers:
+                first = await asyncio.shield(self.answers[key])
+                return Response(first.body, status_code=first.status_code, media_type=first.media_type)
+            answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+            self.answers[key] = answer
+            while len(self.answers) > self.keep:
+                self.answers.popitem(last=False)
+            try:
+                response = await handler(request)
+            except BaseException as exc:  # bad input raised here is answered by _guarded; forget it
+                self.answers.pop(key, None)
+                answer.set_exception(exc)
+                answer.exception()  # retrieved: no "never retrieved" warning when nobody waits
+                raise
+            if response.status_code >= 400:
+                self.answers.pop(key, None)  # only successful submissions are remembered
+            answer.set_result(response)
+            return response
+
+        return wrapped
 
 
 class ApiKeyCheck:
