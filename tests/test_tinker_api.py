@@ -127,6 +127,8 @@ def state(sc):
     prompt = types.ModelInput.from_ints(TOKENS[:3])
     pinned = tc.save_weights_and_get_sampling_client().sample(prompt, 1, params).result().sequences[0].tokens
     from_path = sc.create_sampling_client(model_path=sampler_path).sample(prompt, 1, params).result()
+    base = sc.create_sampling_client(base_model=BASE)
+    base_tokens = base.sample(prompt, 1, params).result().sequences[0].tokens
     after_more = train(tc, data, 2)[-1]
     tc.load_state(saved).result()
     after_load = fwd_loss(tc, data)
@@ -146,7 +148,8 @@ def state(sc):
     return {"saved": saved, "sampler_path": sampler_path, "at_save": at_save, "after_more": after_more,
             "after_load": after_load, "resumed": resumed, "clone_id": clone.model_id, "clone_loss": clone_loss,
             "clone_resumed": clone_resumed, "weights_only_loss": fwd_loss(weights_only, data),
-            "pinned_tokens": pinned, "path_tokens": from_path.sequences[0].tokens,
+            "pinned_tokens": pinned, "path_tokens": from_path.sequences[0].tokens, "base_tokens": base_tokens,
+            "base_sampler_model": base.get_base_model(),
             "runs": [r.training_run_id for r in runs.training_runs], "runs_total": runs.cursor.total_count,
             "run": {"id": run.training_run_id, "rank": run.lora_rank, "base": run.base_model,
                     "last": run.last_checkpoint.tinker_path if run.last_checkpoint else None},
@@ -339,8 +342,10 @@ def test_save_load_sample_from_path_and_rest_listing(tinker_python: Path, fake_s
     assert r["after_load"] == pytest.approx(r["at_save"], rel=1e-6)
     assert r["clone_loss"] == pytest.approx(r["at_save"], rel=1e-6)
     assert r["weights_only_loss"] == pytest.approx(r["at_save"], rel=1e-6)
-    assert r["clone_resumed"] == pytest.approx(r["resumed"], rel=1e-6)  # optimizer state came along
+    assert r["resumed"][1] == pytest.approx(r["after_more"], rel=1e-9)  # Adam moments restored: same next step
+    assert r["clone_resumed"] == pytest.approx(r["resumed"], rel=1e-6)  # and into a new model too
     assert r["path_tokens"] == r["pinned_tokens"]  # the saved path samples the same weights
+    assert r["base_tokens"] != r["pinned_tokens"] and r["base_sampler_model"] == "loops/tiny-qwen3"
     assert model_id in r["runs"] and r["clone_id"] in r["runs"] and r["runs_total"] >= 3
     assert r["run"]["rank"] == 8 and r["run"]["base"] == "loops/tiny-qwen3"
     assert ["training", r["saved"]] in r["checkpoints"]
