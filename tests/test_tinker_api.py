@@ -63,10 +63,15 @@ def supervised(sc):
     steps, lr = (int(sys.argv[2]), float(sys.argv[3])) if len(sys.argv) > 3 else (12, 0.05)
     losses = train(tc, data, steps, lr)
     out = tc.forward(data, "cross_entropy").result()
+    # more datums than the SDK puts in one request (1024): several chunks, recombined by the SDK
+    copies = 1100 if "--no-chunks" not in sys.argv else 1
+    many = tc.forward([data[0]] * copies, "cross_entropy").result()
+    one = tc.forward([data[0]], "cross_entropy").result()
     client = tc.save_weights_and_get_sampling_client()
     sample = client.sample(types.ModelInput.from_ints(TOKENS[:4]), num_samples=2,
                            sampling_params=types.SamplingParams(max_tokens=4, seed=3)).result()
     return {"model_id": tc.model_id, "losses": losses, "forward_loss": out.metrics["loss:sum"],
+            "chunked": [len(many.loss_fn_outputs), many.metrics["loss:sum"], one.metrics["loss:sum"]],
             "logprob_shapes": [o["logprobs"].shape for o in out.loss_fn_outputs],
             "info": tc.get_info().model_dump(mode="json"),
             "samples": [s.tokens for s in sample.sequences], "sequence_ids": [s.sequence_id for s in sample.sequences]}
@@ -254,7 +259,7 @@ if __name__ == "__main__":
 class Server:
     """``loops serve --api tinker`` as a subprocess on a free port; stopped by PID."""
 
-    def __init__(self, tmp: Path, engine: str, *, api_key: str | None = None):
+    def __init__(self, tmp: Path, engine: str, *, api_key: str | None = None, extra: tuple[str, ...] = ()):
         env = {**os.environ, "LOOPS_HOME": str(tmp / "home")}
         env.pop("LOOPS_API_KEY", None)
         if api_key:
@@ -262,7 +267,7 @@ class Server:
         self.log = tmp / f"server-{engine}.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loops_core.cli", "serve", "--api", "tinker", "--engine", engine,
-             "--model", "loops/tiny-qwen3", "--port", "0"],
+             "--model", "loops/tiny-qwen3", "--port", "0", *extra],
             stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True, env=env)
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
@@ -322,6 +327,8 @@ def test_supervised_loop_with_futures_in_flight(tinker_python: Path, fake_server
     assert all(b < a for a, b in zip(losses, losses[1:])), losses  # each step runs after the one before
     assert r["forward_loss"] < losses[-1]  # forward after the last optim_step sees the trained weights
     assert r["logprob_shapes"] == [[8], [6]]
+    outputs, many, one = r["chunked"]
+    assert outputs == 1100 and many == pytest.approx(1100 * one, rel=1e-6)
     assert r["info"]["model_id"] == r["model_id"] and r["info"]["lora_rank"] == 8
     assert [len(s) for s in r["samples"]] == [4, 4] and len(set(r["sequence_ids"])) == 2
 
@@ -413,6 +420,19 @@ def test_off_loopback_needs_a_key_from_env_or_file(tmp_path: Path):
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode != 0  # a key is never a command-line value
 
+    import httpx
+
+    key_file = tmp_path / "key"
+    key_file.write_text("tml-from-a-file\n")
+    server = Server(tmp_path, "fake", extra=("--api-key-file", str(key_file)))
+    try:
+        caps = server.url + "/api/v1/get_server_capabilities"
+        assert httpx.get(caps).status_code == 401
+        assert httpx.get(caps, headers={"X-API-Key": "tml-from-a-file"}).status_code == 200
+        assert httpx.get(server.url + "/api/v1/healthz").json() == {"status": "ok"}
+    finally:
+        server.stop()
+
 
 def test_every_route_the_sdk_can_call_is_served(tinker_python: Path):
     """Parse the routes out of the installed SDK's source; a new SDK route fails here, loudly."""
@@ -457,7 +477,7 @@ print(json.dumps({"version": tinker.__version__, "routes": sorted(routes), "lite
 def test_local_engine_tiny_qwen3(tinker_python: Path, tmp_path: Path):
     server = Server(tmp_path, "local")
     try:
-        r = drive(tinker_python, server, "supervised", "8", "0.005", timeout=400)
+        r = drive(tinker_python, server, "supervised", "8", "0.005", "--no-chunks", timeout=400)
     finally:
         server.stop()
     losses = r["losses"]

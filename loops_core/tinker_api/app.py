@@ -132,8 +132,8 @@ def create_app(svc: TinkerService, *, api_key: str | None = None) -> Any:
         return JSONResponse(svc.get_info((await body_json(request)).get("model_id")))
 
     async def forward_backward(request: Request) -> Response:
-        raw = convert.decompress(await request.body(), request.headers.get("content-encoding"))
-        msg = convert.parse_forward_backward(raw)
+        raw, encoding = await request.body(), request.headers.get("content-encoding")
+        msg = await asyncio.to_thread(lambda: convert.parse_forward_backward(convert.decompress(raw, encoding)))
         return future(await svc.forward_backward(msg), msg.model_id)
 
     async def optim_step(request: Request) -> Response:

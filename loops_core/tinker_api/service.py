@@ -160,14 +160,15 @@ class TinkerService:
     # ---- training --------------------------------------------------------------------------------
     async def forward_backward(self, msg: Any) -> str:
         m = self._use(msg.model_id)
-        data = convert.datums(msg)
+        data = await asyncio.to_thread(convert.datums, msg)  # big batches must not stall the event loop
         submit = m.client.forward_async if msg.forward_only else m.client.forward_backward_async
         async with m.lock:
             future = await submit(data, msg.loss_fn or "cross_entropy", convert.loss_fn_config(msg))
 
         async def work() -> Proto:
             out = await future
-            return Proto(convert.forward_backward_output(out), json=out.model_dump(mode="json"))
+            encoded = await asyncio.to_thread(convert.forward_backward_output, out)
+            return Proto(encoded, json=out.model_dump(mode="json"))
 
         return self.futures.submit("forward_backward", work())
 
@@ -215,6 +216,9 @@ class TinkerService:
 
         # No name: publish, and hand back a sampling session pinned to exactly these weights.
         seq = body.get("sampling_session_seq_id")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise InvalidRequestError("send a path (a checkpoint name) or a sampling_session_seq_id",
+                                      field="sampling_session_seq_id")
         session_id = m.model_id.split(":train:")[0]
         sampler_id = f"{session_id}:sample:{seq}"
         async with m.lock:
