@@ -17,7 +17,7 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from ..checkpoints import parse_uri
 from ..errors import InvalidRequestError, NotFoundError
@@ -158,45 +158,38 @@ class TinkerService:
                                "tokenizer_id": info.model_data.tokenizer_id or m.base_model}}
 
     # ---- training --------------------------------------------------------------------------------
+    async def _in_order(self, m: Model, kind: str, start: Awaitable[Any], finish: Callable[[Any], Any]) -> str:
+        """Submit to the model's loops client (one submission at a time, in arrival order); the
+        Tinker future resolves to ``finish`` of the loops future's result."""
+        async with m.lock:
+            future = await start
+
+        async def work() -> Any:
+            return finish(await future)
+
+        return self.futures.submit(kind, work())
+
     async def forward_backward(self, msg: Any) -> str:
         m = self._use(msg.model_id)
         data = await asyncio.to_thread(convert.datums, msg)  # big batches must not stall the event loop
         submit = m.client.forward_async if msg.forward_only else m.client.forward_backward_async
-        async with m.lock:
-            future = await submit(data, msg.loss_fn or "cross_entropy", convert.loss_fn_config(msg))
-
-        async def work() -> Proto:
-            out = await future
-            encoded = await asyncio.to_thread(convert.forward_backward_output, out)
-            return Proto(encoded, json=out.model_dump(mode="json"))
-
-        return self.futures.submit("forward_backward", work())
+        return await self._in_order(
+            m, "forward_backward", submit(data, msg.loss_fn or "cross_entropy", convert.loss_fn_config(msg)),
+            lambda out: Proto(convert.forward_backward_output(out), json=out.model_dump(mode="json")))
 
     async def optim_step(self, body: dict[str, Any]) -> str:
         m = self._use(body.get("model_id"))
         if "optimizer_params" in body:
             raise InvalidRequestError("only Adam is supported: send adam_params", field="optimizer_params")
         params = AdamParams.model_validate(body.get("adam_params") or {})
-        async with m.lock:
-            future = await m.client.optim_step_async(params)
-
-        async def work() -> dict[str, Any]:
-            out = await future
-            return {"metrics": out.metrics or {}, "type": "optim_step"}
-
-        return self.futures.submit("optim_step", work())
+        return await self._in_order(m, "optim_step", m.client.optim_step_async(params),
+                                    lambda out: {"metrics": out.metrics or {}, "type": "optim_step"})
 
     async def save_weights(self, body: dict[str, Any]) -> str:
         m = self._use(body.get("model_id"))
         name = body.get("path") or f"state-{uuid.uuid4().hex[:8]}"
-        async with m.lock:
-            future = await m.client.save_state_async(name, ttl_seconds=body.get("ttl_seconds"))
-
-        async def work() -> dict[str, Any]:
-            out = await future
-            return {"path": self.tinker_path(out.path), "type": "save_weights"}
-
-        return self.futures.submit("save_weights", work())
+        return await self._in_order(m, "save_weights", m.client.save_state_async(name, body.get("ttl_seconds")),
+                                    lambda out: {"path": self.tinker_path(out.path), "type": "save_weights"})
 
     async def save_weights_for_sampler(self, body: dict[str, Any]) -> str:
         m = self._use(body.get("model_id"))
@@ -205,32 +198,23 @@ class TinkerService:
                                       field="kind")
         name = body.get("path")
         if name:
-            async with m.lock:
-                future = await m.client.save_weights_for_sampler_async(name, ttl_seconds=body.get("ttl_seconds"))
-
-            async def work() -> dict[str, Any]:
-                out = await future
-                return {"path": self.tinker_path(out.path), "type": "save_weights_for_sampler"}
-
-            return self.futures.submit("save_weights_for_sampler", work())
+            return await self._in_order(
+                m, "save_weights_for_sampler", m.client.save_weights_for_sampler_async(name, body.get("ttl_seconds")),
+                lambda out: {"path": self.tinker_path(out.path), "type": "save_weights_for_sampler"})
 
         # No name: publish, and hand back a sampling session pinned to exactly these weights.
         seq = body.get("sampling_session_seq_id")
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
             raise InvalidRequestError("send a path (a checkpoint name) or a sampling_session_seq_id",
                                       field="sampling_session_seq_id")
-        session_id = m.model_id.split(":train:")[0]
-        sampler_id = f"{session_id}:sample:{seq}"
-        async with m.lock:
-            future = await m.client.save_weights_and_get_sampling_client_async(
-                name=f"sampler-{uuid.uuid4().hex[:10]}")
+        sampler_id = f"{m.model_id.split(':train:')[0]}:sample:{seq}"
 
-        async def pinned() -> dict[str, Any]:
-            client = await future
+        def pinned(client: SamplingClient) -> dict[str, Any]:
             self._add_sampler(Sampler(sampler_id, m.base_model, self.tinker_path(client.checkpoint_path), client))
             return {"path": None, "sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
-        return self.futures.submit("save_weights_for_sampler", pinned())
+        publish = m.client.save_weights_and_get_sampling_client_async(name=f"sampler-{uuid.uuid4().hex[:10]}")
+        return await self._in_order(m, "save_weights_for_sampler", publish, pinned)
 
     async def load_weights(self, body: dict[str, Any]) -> str:
         path = body.get("path")
@@ -240,14 +224,8 @@ class TinkerService:
         if body.get("model_id"):
             m = self._use(body.get("model_id"))
             load = m.client.load_state_with_optimizer_async if with_optimizer else m.client.load_state_async
-            async with m.lock:
-                future = await load(loops_path)
-
-            async def work() -> dict[str, Any]:
-                await future
-                return {"path": path, "model_id": m.model_id, "type": "load_weights"}
-
-            return self.futures.submit("load_weights", work())
+            return await self._in_order(m, "load_weights", load(loops_path),
+                                        lambda _: {"path": path, "model_id": m.model_id, "type": "load_weights"})
 
         # A new model from a checkpoint (ServiceClient.create_training_client_from_state*).
         session = self.session(body.get("session_id"))
