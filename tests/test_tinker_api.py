@@ -163,6 +163,18 @@ def state(sc):
             "capabilities": [m.model_name for m in caps.supported_models]}
 
 
+def reopen(sc):
+    """A fresh server process over the same LOOPS_HOME: the paths an earlier one handed out still work."""
+    saved, sampler_path = sys.argv[2], sys.argv[3]
+    rest = sc.create_rest_client()
+    prompt = types.ModelInput.from_ints(TOKENS[:3])
+    sample = sc.create_sampling_client(model_path=sampler_path).sample(
+        prompt, 1, types.SamplingParams(max_tokens=6, seed=7)).result()
+    clone = sc.create_training_client_from_state(saved).result()
+    return {"tokens": sample.sequences[0].tokens, "rank": rest.get_weights_info_by_tinker_path(saved).result().lora_rank,
+            "loss": fwd_loss(clone, [sl_datum(TOKENS)])}
+
+
 def concurrent(sc):
     """Two models trained at once in two threads; a third, alone, repeats the first one's data."""
     first, second = [sl_datum(TOKENS)], [sl_datum([200, 150, 100, 50, 25, 12])]
@@ -264,7 +276,7 @@ class Server:
         env.pop("LOOPS_API_KEY", None)
         if api_key:
             env["LOOPS_API_KEY"] = api_key
-        self.log = tmp / f"server-{engine}.log"
+        self.log = tmp / f"server-{engine}-{len(list(tmp.glob('server-*.log')))}.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loops_core.cli", "serve", "--api", "tinker", "--engine", engine,
              "--model", "loops/tiny-qwen3", "--port", "0", *extra],
@@ -360,6 +372,14 @@ def test_save_load_sample_from_path_and_rest_listing(tinker_python: Path, fake_s
     assert r["user_checkpoints"] >= 2
     assert r["weights_info"]["lora_rank"] == 8 and r["weights_info"]["base_model"] == "loops/tiny-qwen3"
     assert r["capabilities"] == ["loops/tiny-qwen3"]
+
+    again = Server(fake_server.log.parent, "fake")  # a restarted server over the same LOOPS_HOME
+    try:
+        reopened = drive(tinker_python, again, "reopen", r["saved"], r["sampler_path"])
+    finally:
+        again.stop()
+    assert reopened["tokens"] == r["pinned_tokens"] and reopened["rank"] == 8
+    assert reopened["loss"] == pytest.approx(r["at_save"], rel=1e-6)
 
 
 def test_two_concurrent_models_are_independent(tinker_python: Path, fake_server: Server):

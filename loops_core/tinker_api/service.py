@@ -5,8 +5,9 @@ One ``loops_core.ServiceClient`` (any backend) serves every Tinker session. Each
 run, adapter and optimizer. Its id is ``<session_id>:train:<model_seq_id>``, the id the SDK derives
 itself when it creates a model from a checkpoint. Each sampling session is a loops
 ``SamplingClient``. Checkpoint paths are ``tinker://<model_id>/<weights|sampler_weights>/<name>``
-on the wire and ``loops://<run_id>/...`` inside; a ``tinker://`` path whose first part is not a
-model of this server is taken as a loops run id (checkpoints from earlier servers or scripts).
+on the wire and ``loops://<run_id>/...`` inside; the model → run index is kept under ``LOOPS_HOME``,
+so saved paths outlive the server, and a ``tinker://`` path whose first part is no model id is taken
+as a loops run id (checkpoints that loops scripts saved).
 Submissions to one model are made one at a time, in arrival order (the SDK sends them in its
 ``seq_id`` order and waits for each answer before sending the next).
 """
@@ -14,12 +15,14 @@ Submissions to one model are made one at a time, in arrival order (the SDK sends
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
-from ..checkpoints import parse_uri
+from ..checkpoints import loops_home, parse_uri
 from ..errors import InvalidRequestError, NotFoundError
 from ..sampling_client import SamplingClient
 from ..service_client import ServiceClient
@@ -29,6 +32,27 @@ from . import convert
 from .futures import FutureStore, Proto
 
 KIND_OF_TYPE = {"training": "weights", "sampler": "sampler_weights"}
+
+
+class RunIndex:
+    """Which loops run each Tinker model id is, kept in ``$LOOPS_HOME/tinker_api/runs.jsonl`` so the
+    ``tinker://<model_id>/...`` paths a script saved still resolve after the server restarts."""
+
+    def __init__(self) -> None:
+        self.file = loops_home() / "tinker_api" / "runs.jsonl"
+        self.runs: dict[str, str] = {}  # model id -> loops run id
+        self.models: dict[str, str] = {}  # loops run id -> model id
+        if self.file.exists():
+            for line in self.file.read_text().splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    entry = json.loads(line)
+                    self.runs[entry["model_id"]], self.models[entry["run_id"]] = entry["run_id"], entry["model_id"]
+
+    def add(self, model_id: str, run_id: str) -> None:
+        self.runs[model_id], self.models[run_id] = run_id, model_id
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        with self.file.open("a") as f:
+            f.write(json.dumps({"model_id": model_id, "run_id": run_id}) + "\n")
 
 
 def _now() -> str:
@@ -79,6 +103,7 @@ class TinkerService:
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, Model] = {}
         self.samplers: dict[str, Sampler] = {}
+        self.run_index = RunIndex()
         self._creating: dict[str, str] = {}  # model_id -> request_id of its pending creation
         self._sampler_creations: dict[str, asyncio.Task] = {}
 
@@ -147,6 +172,7 @@ class TinkerService:
 
     def _add_model(self, session: Session, model: Model) -> None:
         self.models[model.model_id] = model
+        self.run_index.add(model.model_id, model.run_id)
         session.model_ids.append(model.model_id)
 
     def get_info(self, model_id: Any) -> dict[str, Any]:
@@ -314,16 +340,15 @@ class TinkerService:
         if len(parts) != 3 or parts[1] not in ("weights", "sampler_weights") or not parts[0] or not parts[2]:
             raise InvalidRequestError(f"{path!r} is not tinker://<run>/<weights|sampler_weights>/<name>",
                                       field="path")
-        owner = self.models.get(parts[0])
-        return f"loops://{owner.run_id if owner else parts[0]}/{parts[1]}/{parts[2]}"
+        run_id = self.run_index.runs.get(parts[0], parts[0])
+        return f"loops://{run_id}/{parts[1]}/{parts[2]}"
 
     def tinker_path(self, loops_path: str | None) -> str | None:
         parsed = parse_uri(loops_path) if loops_path else None
         if parsed is None:
             return loops_path
         run_id, kind, name = parsed
-        owner = next((m.model_id for m in self.models.values() if m.run_id == run_id), run_id)
-        return f"tinker://{owner}/{kind}/{name}"
+        return f"tinker://{self.run_index.models.get(run_id, run_id)}/{kind}/{name}"
 
     async def _checkpoint(self, tinker_path: Any) -> Checkpoint:
         run_id, kind, name = parse_uri(self.loops_path(tinker_path))  # type: ignore[misc]
