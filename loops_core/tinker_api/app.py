@@ -103,8 +103,12 @@ def create_app(svc: TinkerService, *, api_key: str | None = None) -> Any:
         return JSONResponse({"status": "accepted"})  # accepted and dropped
 
     async def create_session(request: Request) -> Response:
-        session_id = svc.create_session(await body_json(request))
-        return JSONResponse({"type": "create_session", "session_id": session_id})
+        body = await body_json(request)
+        answer = {"type": "create_session", "session_id": svc.create_session(body)}
+        if body.get("sdk_version") != SDK_VERSION:  # the SDK logs this warning for its user
+            answer["warning_message"] = (f"this loops server speaks Tinker's API as tinker=={SDK_VERSION} does; "
+                                         f"this client is tinker {body.get('sdk_version')}")
+        return JSONResponse(answer)
 
     async def heartbeat(request: Request) -> Response:
         session = svc.session((await body_json(request)).get("session_id"))
