@@ -56,13 +56,17 @@ def main(argv: list[str]) -> int:
     if key and not key.startswith("tml-"):
         print("warning: the tinker SDK only sends API keys that start with 'tml-'", file=sys.stderr)
 
+    from ..errors import ConfigurationError
     from ..futures import run_sync
     from ..service_client import ServiceClient
     from .app import create_app
     from .service import TinkerService
 
-    svc = TinkerService(ServiceClient(backend=args.engine), base_model=args.model,
-                        any_base_model=args.engine == "fake")
+    try:
+        service = ServiceClient(backend=args.engine)
+    except ConfigurationError as exc:  # e.g. --engine local without the [local] extra: say which pip command
+        raise SystemExit(f"loops serve --api tinker: {exc}") from None
+    svc = TinkerService(service, base_model=args.model, any_base_model=args.engine == "fake")
 
     def ready(listeners: list[Listener]) -> None:
         print(f"tinker API ({args.engine} engine, {args.model}): {listeners[0].url}\n"
