@@ -34,6 +34,7 @@ import subprocess
 import sys
 import types as pytypes
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def render_type(tp: Any) -> str:
     if origin is typing.Annotated:
         return render_type(args[0])
     if origin is typing.Union or origin is pytypes.UnionType:
-        return "Union[" + ", ".join(sorted(render_type(a) for a in args)) + "]"
+        return "Union[" + ", ".join(sorted(set(_union_members(tp)))) + "]"
     if origin is typing.Literal:
         return "Literal[" + ", ".join(sorted(repr(a) for a in args)) + "]"
     if origin is not None:
@@ -70,6 +71,15 @@ def render_type(tp: Any) -> str:
     if isinstance(tp, (type, typing.TypeVar)):
         return tp.__name__
     return repr(tp).replace("typing.", "")
+
+
+def _union_members(tp: Any) -> list[str]:
+    """The rendered members of a union, nested unions (aliases, ``Annotated``) flattened."""
+    while type(tp).__name__ == "TypeAliasType" or typing.get_origin(tp) is typing.Annotated:
+        tp = tp.__value__ if type(tp).__name__ == "TypeAliasType" else typing.get_args(tp)[0]
+    if typing.get_origin(tp) is typing.Union or typing.get_origin(tp) is pytypes.UnionType:
+        return [m for a in typing.get_args(tp) for m in _union_members(a)]
+    return [render_type(tp)]
 
 
 def render_value(value: Any) -> str:
@@ -109,8 +119,10 @@ def _hints(cls: type) -> dict[str, Any]:
     """
     hints: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
-        namespaces = [vars(m) for m in list(sys.modules.values())
-                      if m is not None and getattr(m, klass.__name__, None) is klass]
+        with warnings.catch_warnings():  # getattr on every loaded module wakes deprecation warnings
+            warnings.simplefilter("ignore")
+            namespaces = [vars(m) for m in list(sys.modules.values())
+                          if m is not None and getattr(m, klass.__name__, None) is klass]
         namespaces += [f.__globals__ for f in vars(klass).values() if inspect.isfunction(f)]
         for name, ann in vars(klass).get("__annotations__", {}).items():
             hints[name] = ann
@@ -216,7 +228,8 @@ def describe() -> dict[str, Any]:
             if name.startswith("_") or not inspect.ismodule(sub) or not sub.__name__.startswith(modname + "."):
                 continue
             shared = sorted(n for n in dir(sub) if not n.startswith("_") and n in vars(module)
-                            and getattr(module, n) is getattr(sub, n) and not inspect.ismodule(getattr(sub, n)))
+                            and getattr(module, n) is getattr(sub, n) and not inspect.ismodule(getattr(sub, n))
+                            and not isinstance(getattr(sub, n), type(annotations)))
             out["submodules"][sub.__name__] = shared
     return out
 
