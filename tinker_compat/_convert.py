@@ -128,6 +128,12 @@ def from_loops_sample(out: lt.SampleResponse) -> tt.SampleResponse:
         prompt_cache_hit_tokens=int(getattr(out, "prompt_cache_hit_tokens", 0) or 0))
 
 
+def from_loops_logprobs(values: list[float | None]) -> list[float | None]:
+    """Prompt logprobs as ``SampleResponse.prompt_logprobs`` gives them (float32 values, None where absent)."""
+    array = np.asarray([math.nan if v is None else v for v in values], dtype=np.float32)
+    return [None if math.isnan(v) else v for v in array.tolist()]
+
+
 def from_loops_info(info: lt.GetInfoResponse, model_id: str) -> tt.GetInfoResponse:
     return tt.GetInfoResponse(
         model_id=model_id, model_name=info.model_name, is_lora=info.is_lora, lora_rank=info.lora_rank,

@@ -83,7 +83,8 @@ class SamplingClient:
                          prompt_logprobs_last_n: int | None = None) -> APIFuture[list[float | None]]:
         """The logprob of each prompt token given those before it (temperature 1); entry 0 is None."""
         async def go() -> list[float | None]:
-            values = await self._client.compute_logprobs_async(convert.to_loops_model_input(prompt))
+            values = convert.from_loops_logprobs(
+                await self._client.compute_logprobs_async(convert.to_loops_model_input(prompt)))
             if prompt_logprobs_last_n is not None:
                 values = _blank_all_but_last(values, prompt_logprobs_last_n)
             return values
