@@ -12,12 +12,11 @@ them raise ``NotImplementedError`` naming the reason (see the README's tinker se
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Union
 
 from pydantic import AwareDatetime, Field
 
 from ._base import BaseModel, StrictBase
-from ._datum import Datum, LossFnInputs, LossFnOutput  # noqa: F401 - field types
 from ._model_input import ModelInput
 from ._optimizer import AdamOptimizerConfig, AdamParams, OptimizerConfigBase, OptimParamsBase
 from ._sample_response import SamplingParams
