@@ -59,10 +59,27 @@ class SamplingClient(ClientLifecycle):
     # ---- sampling -----------------------------------------------------------------------------
     @twin
     async def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None,
-                     include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> SampleResponse:
-        """Generate ``num_samples`` completions of ``prompt``."""
+                     include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
+                     topk_sample_logprobs: int = 0,
+                     target_prompt_logprobs: list[list[int]] | None = None) -> SampleResponse:
+        """Generate ``num_samples`` completions of ``prompt``.
+
+        ``topk_sample_logprobs=k`` also returns, per sampled token, the k most likely tokens
+        (``SampledSequence.topk_logprobs``). ``target_prompt_logprobs`` is a ``[len(prompt) - 1, K]``
+        table of token ids (-1 for none): row i is scored at prompt position i + 1, and
+        ``SampleResponse.target_prompt_logprobs`` returns their logprobs in the same layout.
+        """
+        if not isinstance(topk_sample_logprobs, int) or isinstance(topk_sample_logprobs, bool) \
+                or not 0 <= topk_sample_logprobs <= 20:
+            raise InvalidRequestError("topk_sample_logprobs must be an integer in [0, 20]",
+                                      field="topk_sample_logprobs")
+        extra: dict[str, Any] = {}
+        if topk_sample_logprobs:
+            extra["topk_sample_logprobs"] = topk_sample_logprobs
+        if target_prompt_logprobs is not None:
+            extra["target_prompt_logprobs"] = _target_ids(target_prompt_logprobs, prompt)
         return await self._sample(prompt, num_samples, sampling_params, include_prompt_logprobs,
-                                  topk_prompt_logprobs)
+                                  topk_prompt_logprobs, extra)
 
     @twin
     async def compute_logprobs(self, prompt: ModelInput) -> list[float | None]:
@@ -72,8 +89,8 @@ class SamplingClient(ClientLifecycle):
         return list(r.prompt_logprobs or [])
 
     async def _sample(self, prompt: ModelInput, num_samples: int, params: SamplingParams | None,
-                      include_prompt_logprobs: bool, topk: int) -> SampleResponse:
-        body = self._body(prompt, num_samples, params, include_prompt_logprobs, topk)
+                      include_prompt_logprobs: bool, topk: int, extra: dict[str, Any] | None = None) -> SampleResponse:
+        body = {**self._body(prompt, num_samples, params, include_prompt_logprobs, topk), **(extra or {})}
         queued = self._endpoint.queued
         if queued:  # the queue needs the model; a dedicated sampler may know it by another name
             body["model"] = self._base_model
@@ -143,6 +160,11 @@ class SamplingClient(ClientLifecycle):
         data = run_sync(self._wire.get_json("/v1/models", what="list models"))
         return next((c["id"] for c in data.get("data", []) if c.get("parent") is not None), None)
 
+    @property
+    def endpoint(self) -> Endpoint:
+        """Where this client's sampler is (its URL; in-process servers carry their transport)."""
+        return self._endpoint
+
     def get_base_model(self) -> str:
         return self._base_model
 
@@ -204,6 +226,17 @@ class SamplingClient(ClientLifecycle):
         return f"<SamplingClient {self._base_model}{pin} @ {self._endpoint.url}>"
 
 
+def _target_ids(table: Any, prompt: ModelInput) -> list[list[int]]:
+    n = prompt.length - 1 if isinstance(prompt, ModelInput) else -1
+    rows = table.tolist() if hasattr(table, "tolist") else table
+    if not isinstance(rows, list) or len(rows) != n or not all(isinstance(r, list) for r in rows) \
+            or len({len(r) for r in rows}) > 1 \
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= -1 for r in rows for t in r):
+        raise InvalidRequestError(f"target_prompt_logprobs must be {n} rows (len(prompt) - 1) of equal length "
+                                  "holding token ids, -1 for none", field="target_prompt_logprobs")
+    return rows
+
+
 def parse_sample_response(data: dict[str, Any], version_header: str | None, prompt: list[int],
                           topk: int) -> SampleResponse:
     """The completions JSON (ours or vLLM's) as a SampleResponse."""
@@ -216,8 +249,11 @@ def parse_sample_response(data: dict[str, Any], version_header: str | None, prom
         logprobs = lp.get("token_logprobs")
         if tokens[:len(prompt)] == prompt and len(tokens) > len(prompt) and choice.get("token_ids") is None:
             tokens, logprobs = tokens[len(prompt):], (logprobs or [])[len(prompt):]
+        topk_sampled = choice.get("topk_logprobs", lp.get("topk_logprobs"))
         seqs.append(SampledSequence(tokens=tokens, logprobs=logprobs, stop_reason=choice.get("finish_reason") or "length",
-                                    text=choice.get("text"), sequence_id=choice.get("sequence_id") or uuid.uuid4().hex))
+                                    text=choice.get("text"), sequence_id=choice.get("sequence_id") or uuid.uuid4().hex,
+                                    topk_logprobs=None if topk_sampled is None else
+                                    [[(int(t), float(v)) for t, v in row] for row in topk_sampled]))
     plp_raw = data.get("prompt_logprobs")
     if plp_raw is None and data.get("choices"):
         plp_raw = data["choices"][0].get("prompt_logprobs")
@@ -237,4 +273,6 @@ def parse_sample_response(data: dict[str, Any], version_header: str | None, prom
             topk_lp.append([(t, e["logprob"]) for t, e in ranked])
     version = int(version_header) if version_header not in (None, "") else None
     return SampleResponse(sequences=seqs, policy_version=version, prompt_token_ids=prompt,
-                          prompt_logprobs=prompt_lp, topk_prompt_logprobs=topk_lp if topk else None)
+                          prompt_logprobs=prompt_lp, topk_prompt_logprobs=topk_lp if topk else None,
+                          target_prompt_logprobs=data.get("target_prompt_logprobs"),
+                          prompt_cache_hit_tokens=int(data.get("prompt_cache_hit_tokens") or 0))

@@ -127,7 +127,7 @@ class SamplingClient:
         (the fake backend) have no address another process can reach: pickle the client instead.
         """
         c = self._client
-        endpoint = c._endpoint
+        endpoint = c.endpoint
         if endpoint.transport is not None:
             raise bad_request("this sampler runs in-process (fake backend); it has no address another process "
                               "can reach. Pickle the SamplingClient within this process instead.")
