@@ -733,6 +733,27 @@ def from_state_opt_async():
     return _from_state("create_training_client_from_state_with_optimizer_async", True)
 
 
+# ---- the clients built directly (their constructors are public too) -----------------------------
+@check("TrainingClient.__init__")
+def direct_trainer():
+    made = need("tc")
+    tc = TrainingClient(made._deployment, lora_rank=4, base_model=BASE_MODEL, api_key=CFG.get("api_key"),
+                        run_id=made.run_id, ready_timeout=READY_S)
+    out = tc.forward([ce_datum()]).result(timeout=60)
+    tc.close()
+    return f"{type(made._deployment).__name__}: loss {out.loss:.3f}"
+
+
+@check("SamplingClient.__init__")
+def direct_sampler():
+    made = need("sampler")
+    s = SamplingClient(base_model=BASE_MODEL, deployment=made._deployment, api_key=CFG.get("api_key"),
+                       sampler_id=made._sampler_id, ready_timeout=READY_S)
+    r = s.sample(ModelInput.from_ints(PROMPT), sampling_params=SamplingParams(max_tokens=2))
+    s.close()
+    return f"{type(made._deployment).__name__}: {r.sequences[0].tokens}"
+
+
 # ---- closing ------------------------------------------------------------------------------------
 @check("TrainingClient.__enter__")
 def context_manager():
