@@ -128,7 +128,8 @@ class Emulator:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         record = {"method": scope["method"], "path": path, "query": scope["query_string"].decode(),
                   "auth_scheme": headers.get("authorization", "").partition(" ")[0],
-                  **{k: headers.get(k) for k in ("user-agent", "x-baseten-accept-error", "x-run-id", "x-sampler-id")}}
+                  **{k: headers.get(k) for k in ("user-agent", "x-baseten-accept-error", "x-run-id", "x-sampler-id",
+                                                 "idempotency-key", "x-checkpoint-path", "x-min-policy-version")}}
         self.requests.append(record)
         scope.setdefault("state", {})["record"] = record
         if path != "/_files":
