@@ -34,6 +34,7 @@ EMULATOR_KEY = "published-client-emulator-key"
 _LOCAL = "ServiceClient.local binds two URLs and nothing else"
 _NO_CONTROL_PLANE = f"{_LOCAL}: no control plane (its base_url is ''), so no checkpoint registry"
 _NO_RUN_ID = f"{_LOCAL}: its TrainingClient has no run_id, which the published client requires here"
+_NO_FAULTS = "needs the emulator's fault controls and request records (loops serve has neither)"
 _HUB = "loads the tokenizer from the Hugging Face hub by base model name; nothing is downloaded here"
 _TORCH = "needs torch in the client's venv (baseten-loops[torch]); the side venv installs the client only"
 _SERVER = "loops' trainer server: owned by another change (see backends/baseten/PUBLISHED_CLIENT_NOTES.md)"
@@ -71,6 +72,10 @@ _LOCAL_LIMITS = {
     "TrainingClient.list_checkpoints": _NO_RUN_ID,
     "TrainingClient.get_checkpoint_archive_url": _NO_CONTROL_PLANE,
     "TrainingClient.download_checkpoint": _NO_CONTROL_PLANE,
+    "SamplingClient.sample[serverless: a timeout cancels the queued sample]": f"{_LOCAL}: no scopes",
+    "SamplingClient.sample[serverless: 503 with Retry-After is waited out]": f"{_LOCAL}: no scopes",
+    "SamplingClient.sample[dedicated: replica turnover 503/404 retried]": _NO_FAULTS,
+    "SamplingClient.compute_logprobs[wire: max_tokens 1, prompt_logprobs 0, model only when serverless]": _NO_FAULTS,
     "SamplingClient.discover_adapter_name": f"{_NO_RUN_ID} (its sampler comes from a save)",
     "SamplingClient.checkpoint_path": f"{_NO_RUN_ID} (its sampler comes from a save)",
     "SamplingClient.checkpoint_name": f"{_NO_RUN_ID} (its sampler comes from a save)",

@@ -22,7 +22,7 @@ provisions real trainer and sampler servers behind a gateway (``emulator_deploym
     POST /v1/loops/checkpoints/validate              {checkpoint_path, run_id} -> 200 | 400 | 404
     *    /gw/{deployment_id}/sync/...                the trainer or sampler server;  POST /gw/{id}/wake
     GET  /_files?...&expires=&signature=             presigned file download (no API key)
-    POST /_emulator/faults, /_emulator/deployments/{id}; GET /_emulator/state     test controls
+    POST /_emulator/faults, /_emulator/deployments/{id}; GET /_emulator/state[?requests=N]  test controls
 
 Every route but ``/_files`` needs ``Authorization: Api-Key <key>``: 401 without it, 403 for a wrong
 key. Checkpoints come from the ``LOOPS_HOME`` store that the servers write.
@@ -423,7 +423,9 @@ class Emulator:
             "sessions": list(self.sessions.values()), "runs": list(self.runs.values()), "faults": self.faults.as_dict(),
             "deployments": [{"id": d.id, "kind": d.kind, "run_id": d.run_id, "sampler_id": d.sampler_id,
                              "status": d.status(), "health_hits": d.health_hits, "status_polls": d.status_polls,
-                             "shutting_down": d.shutting_down} for d in self.deployments.values()]})
+                             "shutting_down": d.shutting_down} for d in self.deployments.values()],
+            "requests": list(self.requests)[-int(request.query_params.get("requests", 0) or 0):]
+            if request.query_params.get("requests") else []})
 
     # ---- running -------------------------------------------------------------------------------
     @contextlib.contextmanager

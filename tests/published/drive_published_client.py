@@ -555,6 +555,82 @@ def make_serverless_sampler():
     return f"{type(s._deployment).__name__}: {[x.tokens for x in r.sequences]}"
 
 
+def emulator(method: str, path: str, body: dict | None = None) -> dict:
+    """The emulator's test controls (``/_emulator/...``); only the service target has them."""
+    if LOCAL:
+        raise RuntimeError("loops serve has no fault controls (they belong to loops emulate baseten)")
+    r = httpx.request(method, f"{CFG['base_url']}{path}", json=body, headers=headers(), timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def last_sample() -> dict:
+    """The emulator's record of the latest ``/sample`` request (its body and headers)."""
+    recs = emulator("GET", "/_emulator/state?requests=400")["requests"]
+    return [r for r in recs if r["method"] == "POST" and r["path"].endswith("/sample")][-1]
+
+
+@check("SamplingClient.sample[serverless: a timeout cancels the queued sample]")
+def serverless_timeout():
+    s = need("sc").create_sampling_client(base_model=BASE_MODEL, ready_timeout=READY_S, scope="serverless",
+                                          timeout=1.0)
+    emulator("POST", "/_emulator/faults", {"queue_hold_s": 30.0})
+    started = time.monotonic()
+    try:
+        s.sample(ModelInput.from_ints(PROMPT), sampling_params=SamplingParams(max_tokens=2))
+    except TimeoutError as exc:  # SampleTimeoutError
+        took = time.monotonic() - started
+        recs = emulator("GET", "/_emulator/state?requests=50")["requests"]
+        cancels = [r for r in recs if r["method"] == "POST" and r["path"].endswith("/cancel")]
+        assert cancels, "no cancel was sent"
+        return f"{type(exc).__name__} after {took:.1f} s, then {cancels[-1]['path'].rsplit('/', 3)[-3:]}"
+    finally:
+        emulator("POST", "/_emulator/faults", {"reset": True})
+    raise AssertionError("a sample held in the queue came back within the 1 s timeout")
+
+
+@check("SamplingClient.sample[serverless: 503 with Retry-After is waited out]")
+def serverless_busy():
+    s = need("sc").create_sampling_client(base_model=BASE_MODEL, ready_timeout=READY_S, scope="serverless")
+    emulator("POST", "/_emulator/faults", {"queue_busy": 2})
+    try:
+        started = time.monotonic()
+        r = s.sample(ModelInput.from_ints(PROMPT), sampling_params=SamplingParams(max_tokens=2))
+        took = time.monotonic() - started
+    finally:
+        emulator("POST", "/_emulator/faults", {"reset": True})
+    assert r.sequences and took >= 1.9, took
+    return f"2 busy answers waited out in {took:.1f} s"
+
+
+@check("SamplingClient.sample[dedicated: replica turnover 503/404 retried]")
+def dedicated_turnover():
+    s = need("sampler")
+    emulator("POST", "/_emulator/faults", {"sample_burst_count": 1, "sample_burst_status": 503})
+    try:
+        r = s.sample(ModelInput.from_ints(PROMPT), sampling_params=SamplingParams(max_tokens=2))
+        emulator("POST", "/_emulator/faults", {"sample_burst_count": 1, "sample_burst_status": 404})
+        r = s.sample(ModelInput.from_ints(PROMPT), sampling_params=SamplingParams(max_tokens=2))
+    finally:
+        emulator("POST", "/_emulator/faults", {"reset": True})
+    return f"retried: {r.sequences[0].tokens}"
+
+
+@check("SamplingClient.compute_logprobs[wire: max_tokens 1, prompt_logprobs 0, model only when serverless]")
+def wire_fields():
+    need("sampler").compute_logprobs(ModelInput.from_ints(PROMPT))
+    dedicated = last_sample()
+    serverless = need("sc").create_sampling_client(base_model=BASE_MODEL, ready_timeout=READY_S, scope="serverless")
+    serverless.compute_logprobs(ModelInput.from_ints(PROMPT))
+    queued = last_sample()
+    for rec in (dedicated, queued):
+        b = rec["body"]
+        assert b["max_tokens"] == 1 and b["prompt_logprobs"] == 0 and b["logprobs"] == 0, b
+        assert rec["idempotency-key"], rec
+    assert "model" not in dedicated["body"] and queued["body"]["model"] == BASE_MODEL, (dedicated, queued)
+    return {"dedicated": sorted(dedicated["body"]), "serverless": sorted(queued["body"])}
+
+
 @check("TrainingClient.save_weights_and_get_sampling_client[serverless]")
 def serverless_publish():
     tc = need("serverless_tc")
