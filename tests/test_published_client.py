@@ -76,6 +76,8 @@ _LOCAL_LIMITS = {
     "SamplingClient.sample[serverless: 503 with Retry-After is waited out]": f"{_LOCAL}: no scopes",
     "SamplingClient.sample[dedicated: replica turnover 503/404 retried]": _NO_FAULTS,
     "SamplingClient.compute_logprobs[wire: max_tokens 1, prompt_logprobs 0, model only when serverless]": _NO_FAULTS,
+    "ServiceClient.create_lora_training_client[paired sampler: created at first use, or eagerly unawaited]":
+        _NO_FAULTS,
     "SamplingClient.discover_adapter_name": f"{_NO_RUN_ID} (its sampler comes from a save)",
     "SamplingClient.checkpoint_path": f"{_NO_RUN_ID} (its sampler comes from a save)",
     "SamplingClient.checkpoint_name": f"{_NO_RUN_ID} (its sampler comes from a save)",

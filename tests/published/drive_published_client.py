@@ -631,6 +631,33 @@ def wire_fields():
     return {"dedicated": sorted(dedicated["body"]), "serverless": sorted(queued["body"])}
 
 
+@check("ServiceClient.create_lora_training_client[paired sampler: created at first use, or eagerly unawaited]")
+def paired_sampler_timing():
+    def sampler_posts(run: str) -> int:
+        recs = emulator("GET", "/_emulator/state?requests=400")["requests"]
+        return sum(1 for r in recs if r["method"] == "POST" and r["path"].endswith("/samplers")
+                   and (r.get("body") or {}).get("run_id") == run)
+
+    sc = need("sc")
+    tc = sc.create_lora_training_client(base_model=BASE_MODEL, rank=4, ready_timeout=READY_S)
+    at_creation = sampler_posts(tc.run_id)
+    tc.save_weights_for_sampler("plain").result(timeout=60)
+    after_plain_save = sampler_posts(tc.run_id)
+    tc.save_weights_and_get_sampling_client("first")
+    after_first_client = sampler_posts(tc.run_id)
+    tc.close()
+    mark = len(emulator("GET", "/_emulator/state?requests=20000")["requests"])
+    eager = sc.create_lora_training_client(base_model=BASE_MODEL, rank=4, ready_timeout=READY_S, with_sampler=True)
+    eager_posts = sampler_posts(eager.run_id)
+    during = emulator("GET", "/_emulator/state?requests=20000")["requests"][mark:]
+    status_polls = sum(1 for r in during if r["method"] == "GET" and r["path"].startswith("/v1/models/"))
+    eager.close()
+    seen = (at_creation, after_plain_save, after_first_client, eager_posts, status_polls)
+    assert seen == (0, 0, 1, 1, 0), seen
+    return "POST /samplers: none at creation or on a plain save, one at the first sampling client; " \
+           "with_sampler=True: one at creation, its status never polled"
+
+
 @check("TrainingClient.save_weights_and_get_sampling_client[serverless]")
 def serverless_publish():
     tc = need("serverless_tc")
