@@ -41,14 +41,12 @@ import asyncio
 import collections
 import contextlib
 import hmac
-import json
 import os
 import secrets
 import threading
 import time
 import uuid
 from typing import Any, Iterator
-from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -62,6 +60,7 @@ from loops_core.server.http import guarded, json_body
 from .emulator_checkpoints import CheckpointRoutes
 from .emulator_deployments import Deployment, FakeProvisioner, LocalProvisioner
 from .emulator_faults import Faults, base_url, error
+from .emulator_gateway import gateway
 from .emulator_serverless import SampleQueue
 from .models import SCALED_TO_ZERO
 
@@ -137,7 +136,7 @@ class Emulator:
             if denied is not None:
                 return await denied(scope, receive, send)
         if path.startswith("/gw/"):
-            return await self._gateway(scope, receive, send, headers)
+            return await gateway(self, scope, receive, send, headers)
         if path.startswith("/v1/teams/"):
             _, _, _, team_id, *rest = path.split("/", 4)
             if not any(t["id"] == team_id for t in self.teams):
@@ -158,61 +157,6 @@ class Emulator:
             return error(401, "missing API key: send 'Authorization: Api-Key <key>'", source=source)
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             return error(403, "the API key is not valid for this workspace", source=source)
-        return None
-
-    async def _gateway(self, scope: dict, receive: Any, send: Any, headers: dict[str, str]) -> None:
-        _, _, dep_id, *rest = scope["path"].split("/", 4)
-        dep = self.deployments.get(dep_id)
-        action = rest[0] if rest else ""
-        run_id, sampler_id = headers.get("x-run-id"), headers.get("x-sampler-id")
-        if dep is None:
-            response = error(404, f"no deployment {dep_id!r}", source="06")
-        elif run_id and sampler_id:
-            response = error(400, "name either X-Run-Id or X-Sampler-Id, not both", source="06")
-        elif (run_id and run_id != dep.run_id) or (sampler_id and sampler_id != dep.sampler_id):
-            response = error(403, "the X-Run-Id / X-Sampler-Id header does not match this deployment", source="06")
-        elif action == "wake" and scope["method"] == "POST":
-            response = JSONResponse({"status": "waking" if dep.wake() else "awake"}, status_code=202)
-        elif action != "sync":
-            response = error(404, f"unknown gateway route {scope['path']!r}", source="06")
-        elif dep.shutting_down or dep.terminal:
-            response = error(503, f"deployment {dep.id} is shutting down ({dep.status()})")
-        elif dep.serverless and not (run_id or sampler_id or headers.get("x-checkpoint-path")):
-            response = error(400, "name the run (X-Run-Id), the sampler (X-Sampler-Id) or the checkpoint "
-                                  "(X-Checkpoint-Path) on every serverless request", source="06",
-                             reason="run_or_sampler_required")
-        elif dep.status() != "ACTIVE" or dep.app is None:
-            response = error(502, f"deployment {dep.id} is not ready ({dep.status()})")
-        else:
-            sub = "/" + (rest[1] if len(rest) > 1 else "")
-            if sub == "/health":
-                dep.health_hits += 1
-            if sub == "/sample" and scope["method"] == "POST":
-                body = await _read_body(receive)
-                receive = _replay(body)
-                scope["state"]["record"]["body"] = _json_or_none(body)
-                if dep.queue is None:
-                    refused = self._dedicated_sample_refusal(dep, scope["state"]["record"]["body"])
-                    if refused is not None:
-                        return await refused(scope, receive, send)
-            if dep.queue is not None and (sub == "/sample" or sub.startswith("/operations/")):
-                body = await _read_body(receive)
-                query = dict(parse_qsl(scope["query_string"].decode()))
-                response = await dep.queue.handle(scope["method"], sub, headers, body, query)
-                return await response(scope, receive, send)
-            prefix = f"/gw/{dep_id}/sync"
-            inner = {**scope, "path": sub, "raw_path": sub.encode(), "root_path": scope.get("root_path", "") + prefix}
-            return await dep.app(inner, receive, send)
-        await response(scope, receive, send)
-
-    def _dedicated_sample_refusal(self, dep: Deployment, body: Any) -> Response | None:
-        """Faults of a dedicated sampler's ``/sample``: replica turnover, vLLM's model names."""
-        if (status := self.faults.take_sample_burst()) is not None:
-            return error(status, f"injected fault: HTTP {status} (replica turnover)")
-        name = self.faults.dedicated_model_name
-        if name and isinstance(body, dict) and body.get("model") not in (None, name):
-            return JSONResponse({"error": {"message": f"The model `{body['model']}` does not exist.",
-                                           "type": "NotFoundError", "code": 404}}, status_code=404)
         return None
 
     # ---- sessions and provisioning -------------------------------------------------------------
@@ -473,29 +417,6 @@ class Emulator:
 
 class _Conflict(Exception):
     pass
-
-
-async def _read_body(receive: Any) -> bytes:
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            return body
-
-
-def _replay(body: bytes) -> Any:
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
-
-
-def _json_or_none(body: bytes) -> Any:
-    try:
-        return json.loads(body or b"null")
-    except ValueError:
-        return None
 
 
 def _text(body: dict[str, Any], name: str) -> str:

@@ -19,7 +19,6 @@ script's: it only reports what happened.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import os
