@@ -461,7 +461,8 @@ def cli_main(argv: list[str]) -> int:
 
     def ready(listeners: list[Listener]) -> None:
         url = listeners[0].url
-        print(f"Baseten control-plane emulator (engine: {args.engine}) on {url}\n"
+        models = ", ".join(m["model_name"] for m in emu.models)
+        print(f"Baseten control-plane emulator (engine: {args.engine}; models: {models}) on {url}\n"
               f"export LOOPS_BACKEND=baseten\nexport LOOPS_BASE_URL={url}\nexport BASETEN_API_KEY={key}", flush=True)
 
     serve([Listener("emulator", emu, args.host, args.port)], on_ready=ready)
