@@ -856,6 +856,35 @@ def direct_sampler():
     return f"{type(made._deployment).__name__}: {r.sequences[0].tokens}"
 
 
+# ---- a loops serve that requires an API key (``loops serve --api-key``) -----------------------------
+@check("ServiceClient.local[server with --api-key]")
+def local_with_key():
+    sc = ServiceClient.local(trainer_url=CFG["trainer_url"], sampler_url=CFG["sampler_url"])
+    tc = sc.create_lora_training_client(base_model=BASE_MODEL, rank=4, ready_timeout=READY_S)
+    return f"run {tc.run_id}"
+
+
+@check("TrainingClient.__init__[api_key, server with --api-key]")
+def direct_trainer_with_key():
+    # The workaround: the published TrainingClient takes the URL and a key directly.
+    tc = TrainingClient(CFG["trainer_url"], lora_rank=4, base_model=BASE_MODEL, api_key=CFG["api_key"],
+                        ready_timeout=READY_S)
+    out = tc.forward_backward([ce_datum()]).result(timeout=60)
+    tc.close()
+    return f"loss {out.loss:.3f}"
+
+
+@check("SamplingClient.__init__[api_key, server with --api-key]")
+def direct_sampler_with_key():
+    from baseten.loops.sampling_client import LocalDeployment
+
+    s = SamplingClient(base_model=BASE_MODEL, deployment=LocalDeployment(base_url=CFG["sampler_url"]),
+                       api_key=CFG["api_key"], ready_timeout=READY_S)
+    r = s.sample(ModelInput.from_ints(PROMPT), sampling_params=SamplingParams(max_tokens=2))
+    s.close()
+    return f"{r.sequences[0].tokens}"
+
+
 # ---- closing ------------------------------------------------------------------------------------
 @check("TrainingClient.__enter__")
 def context_manager():
