@@ -75,6 +75,10 @@ def test_debug_routes_take_scope_and_version(http, emu):
     sid = _session(http)
     run = _trainer(http, sid, "/v1/loops/debug/trainers", scope="serverless", debug_version="v9")
     assert run["deployment_id"] is None  # serverless: nothing to watch
+    health = f"{run['base_url']}/health"
+    assert http.get(health, headers={"X-Run-Id": run["id"]}).status_code == 200
+    anonymous = http.get(health)  # the shared gateway authorises every request against a run
+    assert anonymous.status_code == 400 and anonymous.headers["X-Baseten-Error-Source"] == "06"
     assert [r for r in emu.requests if r["path"] == "/v1/loops/debug/trainers"][-1]["debug_version"] == "v9"
     dedicated = _trainer(http, sid, "/v1/loops/debug/trainers", scope="deployment")
     assert dedicated["deployment_id"]

@@ -203,7 +203,7 @@ class Emulator:
             return JSONResponse({"run": self._run_json(request, reuse)})
         run_id = f"run-{uuid.uuid4().hex[:12]}"
         trainer = Deployment("trainer", base_model, run_id=run_id, final=self.faults.fail_trainers or "ACTIVE",
-                             pending=self.faults.pending())
+                             pending=self.faults.pending(), serverless=serverless)
         sampler = self._new_sampler(base_model, run_id=run_id, sampler_id=f"smp-{uuid.uuid4().hex[:12]}",
                                     serverless=serverless or self.faults.serverless_samplers)
         run = {"id": run_id, "session_id": session["id"], "base_model": base_model, "trainer": trainer.id,
