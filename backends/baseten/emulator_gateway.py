@@ -54,7 +54,7 @@ async def gateway(emu: "Emulator", scope: dict, receive: Any, send: Any, headers
             dep.health_hits += 1
         if sub == "/sample" and scope["method"] == "POST":
             body = await _read_body(receive)
-            receive = _replay(body)
+            receive = _replay(body, receive)
             scope["state"]["record"]["body"] = _json_or_none(body)
             if dep.queue is None:
                 refused = _dedicated_sample_refusal(emu, dep, scope["state"]["record"]["body"])
@@ -90,9 +90,13 @@ async def _read_body(receive: Any) -> bytes:
             return body
 
 
-def _replay(body: bytes) -> Any:
+def _replay(body: bytes, original: Any) -> Any:
+    """A ``receive`` that hands out the already-read body once, then the client's own messages
+    (so an app waiting for ``http.disconnect`` still sees a real one)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
+        return pending.pop() if pending else await original()
 
     return receive
 
