@@ -4,6 +4,7 @@
 
     loops backends                               every backend and whether its extra is installed
     loops serve --model M [--engine fake|local]  a paired trainer + sampler in the foreground
+    loops serve --api tinker [--engine fake|local] [--model M] [--port N]   Tinker's HTTP API, for the tinker SDK
     loops serve-trainer / serve-sampler ...      one server (the local backend starts these)
     loops emulate baseten [--port N] [--engine fake|local]   the Baseten control-plane emulator
     loops --version
@@ -28,6 +29,13 @@ import httpx
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument("--api", default="loops")
+    if argv[:1] == ["serve"] and api.parse_known_args(argv[1:])[0].api == "tinker":  # its own options
+        from .tinker_api.cli import main as serve_tinker_api
+
+        return serve_tinker_api(argv[1:])
     parser = argparse.ArgumentParser(prog="loops", description="loops: LoRA post-training on pluggable backends")
     parser.add_argument("--version", action="version", version=f"loops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="run a paired trainer and sampler in the foreground")
     _server_args(serve)
+    serve.add_argument("--api", choices=["loops", "tinker"], default="loops",
+                       help="loops: the trainer/sampler pair; tinker: Tinker's HTTP API on one port "
+                            "(see `loops serve --api tinker --help`)")
     serve.add_argument("--trainer-port", type=int, default=8000)
     serve.add_argument("--sampler-port", type=int, default=8001)
 

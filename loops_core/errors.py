@@ -42,11 +42,12 @@ class ConfigurationError(LoopsError):
 
 
 class BackendNotFoundError(ConfigurationError, KeyError):
-    def __init__(self, name: str, available: list[str]):
+    def __init__(self, name: str, available: list[str], not_installed: dict[str, str] | None = None):
         self.name = name
         self.available = available
+        missing = "".join(f"; {n} needs: pip install -e '.[{extra}]'" for n, extra in sorted((not_installed or {}).items()))
         super().__init__(
-            f"Unknown loops backend {name!r}. Installed backends: {', '.join(available) or '(none)'}. "
+            f"Unknown loops backend {name!r}. Installed backends: {', '.join(available) or '(none)'}{missing}. "
             "Set LOOPS_BACKEND or pass backend= to one of these."
         )
 

@@ -11,6 +11,10 @@ data_submit     connection errors; 408 (the server asks to come back: a cold sta
                 Not 503: loops' servers answer 503 only while shutting down, for good.
 sample          as data_submit, plus 503 and 429: a sampler replica being replaced or busy
                 (the published client retries these too); a sample has no side effects.
+                Unlike the published client, not 400/404: loops' samplers answer those for
+                a bad request or an unknown checkpoint, which a retry cannot fix.
+sample_queued   a serverless sampler's queue: 408, 502 and 504, and 503 after its
+                ``Retry-After``; the key makes the queue run the generation at most once.
 data_poll       connection errors and 502/504, but only for ``unreachable_timeout`` (default
                 30 s): a poll that cannot reach its server for that long means the server
                 is gone, and waiting longer would hang the caller.
@@ -61,6 +65,7 @@ class RetryPolicy:
 
 DATA_SUBMIT = RetryPolicy("data_submit", frozenset({408, 502, 504}))
 SAMPLE = RetryPolicy("sample", frozenset({408, 429, 502, 503, 504}))
+SAMPLE_QUEUED = RetryPolicy("sample_queued", frozenset({408, 502, 503, 504}))
 DATA_POLL = RetryPolicy("data_poll", frozenset({502, 504}), initial=0.5, max_wait=2.0)
 CONTROL_PLANE = RetryPolicy("control_plane", frozenset({429, 502, 503, 504}), initial=0.5, max_wait=8.0)
 READINESS = RetryPolicy("readiness", frozenset({404, 408, 429, *range(500, 600)}), initial=0.5, max_wait=10.0,

@@ -151,6 +151,11 @@ class ServiceClient(ClientLifecycle):
         """Download every file of a checkpoint into ``dest_dir`` (which must be new or empty)."""
         return await self._session.download_checkpoint(checkpoint_id, dest_dir)
 
+    @twin
+    async def delete_checkpoint(self, checkpoint_id: str) -> None:
+        """Delete a checkpoint (``<run>/weights/<name>`` or ``<run>/sampler_weights/<name>``)."""
+        await self._session.delete_checkpoint(checkpoint_id)
+
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         """Stop what this session started (local servers, heartbeats). Clients made from it raise

@@ -44,6 +44,13 @@ class Session:
         self.check_open("download_checkpoint")
         return await self.backend.download_checkpoint(_require_id(checkpoint_id, "checkpoint_id"), dest_dir)
 
+    async def delete_checkpoint(self, checkpoint_id: str) -> None:
+        self.check_open("delete_checkpoint")
+        try:
+            await self.backend.delete_checkpoint(_require_id(checkpoint_id, "checkpoint_id"))
+        except NotImplementedError as exc:
+            raise InvalidRequestError(str(exc), field="checkpoint_id") from None
+
     def load_tokenizer(self, tokenizer_id: str) -> Any:
         return self.backend.load_tokenizer(tokenizer_id)
 

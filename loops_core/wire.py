@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import ssl
 import uuid
 from dataclasses import dataclass, field
@@ -56,6 +57,26 @@ class Endpoint:
     # Says why the server is certainly gone (its process exited), else None: lets a client fail at
     # once instead of waiting out ``unreachable_timeout``. Never pickled.
     liveness: Callable[[], str | None] | None = field(default=None, compare=False)
+    # The environment variable a pickled client re-reads its key from (keys are never pickled).
+    api_key_env: str = "LOOPS_API_KEY"
+    # A queued (serverless) sampler answers /sample with 202 and an operation to poll.
+    queued: bool = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickles carry neither the key (it is re-read from ``api_key_env``) nor process handles.
+        return {**self.__dict__, "api_key": None, "liveness": None, "transport": None,
+                "_had_key": self.api_key is not None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        had_key = state.pop("_had_key", False)
+        if had_key:
+            state["api_key"] = os.environ.get(state["api_key_env"])
+            if not state["api_key"]:
+                raise AuthenticationError(
+                    f"this pickled client talks to {state['url']}, which needs an API key; keys are not "
+                    f"pickled: set {state['api_key_env']} in this process")
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
 
     def __repr__(self) -> str:  # never show the key
         return f"Endpoint(url={self.url!r})"
@@ -107,6 +128,18 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     error = APIStatusError(f"{what}: HTTP {status}: {text}", status_code=status, body=text)
     error.retry_after = retry_after_seconds(response.headers.get("retry-after"))
     raise error
+
+
+def accepted_operation_id(r: httpx.Response, what: str) -> str:
+    """The operation id of a 202 acceptance; any other shape is an error, never a result."""
+    try:
+        data = r.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("operation_id"), str) \
+            or not data["operation_id"] or data.get("schema_version", 1) != 1:
+        raise APIStatusError(f"{what}: unexpected submit answer {r.text[:200]!r}", status_code=r.status_code)
+    return data["operation_id"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -225,14 +258,7 @@ class WireClient:
         """POST an operation; returns its id once the server accepted it."""
         key = key or uuid.uuid4().hex
         r = await self.request("POST", path, what=what, json=body, headers={"Idempotency-Key": key})
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
-        if not isinstance(data, dict) or not isinstance(data.get("operation_id"), str) \
-                or data.get("schema_version", 1) != 1:
-            raise APIStatusError(f"{what}: unexpected submit answer {r.text[:200]!r}", status_code=r.status_code)
-        return data["operation_id"]
+        return accepted_operation_id(r, what)
 
     async def poll(self, op_id: str, *, what: str) -> Any:
         """Long-poll ``/operations/{id}`` until it is done; returns ``result`` or raises.
@@ -256,6 +282,11 @@ class WireClient:
                 raise RemoteOpError(str(data.get("error")), data.get("error_class"), operation_id=op_id,
                                     operation=what)
             await asyncio.sleep(1.0)
+
+    async def cancel(self, op_id: str) -> None:
+        """Best effort: cancel an operation nobody waits for (a queued one; a running one finishes)."""
+        with contextlib.suppress(APIConnectionError, APIStatusError, ClientClosedError):
+            await self._send("POST", f"/operations/{op_id}/cancel", what="cancel", timeout=5.0)
 
     async def aclose(self) -> None:
         self.closed = True

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from loops_core import AdamParams, Checkpoint, CheckpointFilesResponse, InvalidRequestError
+from loops_core import AdamParams, Checkpoint, CheckpointFilesResponse, InvalidRequestError, LoopsError
 from loops_core.testing.contract.data import france, logprobs_of, sft_datum
 from loops_core.testing.plugin import CONTRACT_RANK
 
@@ -125,3 +125,18 @@ def test_training_client_from_state(tc, service):
 
     resumed = asyncio.run(run())
     assert logprobs_of(resumed.forward([datum]).result(timeout=600)) == pytest.approx(at_save, nan_ok=True, rel=1e-5)
+
+
+@pytest.mark.requires("checkpoint_delete")
+def test_delete_checkpoint(tc, service):
+    saved = tc.save_state("doomed").result(timeout=600)
+    doomed = [c for c in tc.list_checkpoints() if c.checkpoint_id == "doomed"]
+    assert doomed and saved.path
+    service.delete_checkpoint(doomed[0].id)
+    assert not [c for c in tc.list_checkpoints() if c.checkpoint_id == "doomed"]
+    with pytest.raises(LoopsError):
+        tc.load_state(saved.path).result(timeout=600)
+    tc.save_state("doomed-2").result(timeout=600)
+    again = [c for c in tc.list_checkpoints() if c.checkpoint_id == "doomed-2"]
+    asyncio.run(service.delete_checkpoint_async(again[0].id))
+    assert not [c for c in tc.list_checkpoints() if c.checkpoint_id == "doomed-2"]
