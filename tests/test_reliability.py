@@ -99,6 +99,12 @@ def test_body_utf8_nesting_size_and_echo_limits():
             assert r.status_code == 400 and "surrogate" in r.json()["detail"]
             r = await c.post(FB, content=b"{" + b" " * 20_000 + b"}")
             assert r.status_code == 413
+            big = {"data": [_datum(tuple(range(1, 2000)), weights=[1.0] * 1999)] * 60}  # > 1 MB: parsed off-loop
+            big["data"] = big["data"] + [_datum(weights=[1, 1, float("inf"), 1])]
+            find_guard(trainer.app).limits = Limits()
+            r = await c.post(FB, content=json.dumps(big))
+            assert r.status_code == 400 and "data" in r.json()["error"]["field"] and "weights" in r.text, r.text[:300]
+            find_guard(trainer.app).limits = Limits(max_body_bytes=20_000)
             r = await c.post("/save_state", json={"name": "x" * 200})
             assert r.status_code == 400 and len(r.content) < 2000
             r = await s.post("/sample", json={"prompt": [1, 2], "n": 10**9})
