@@ -259,7 +259,7 @@ def _fuzz(role: str, bodies: dict[str, dict[str, Any]]) -> None:
         want = fresh.run(fixed_sequence(fresh.trainer.app, fresh.sampler.app, role))
         fresh.close()
         print(f"\nfuzz {role}: {sent} requests, 2xx={fz.counts['2xx']} 4xx={fz.counts['4xx']} "
-              f"5xx={fz.counts['5xx']} slow(>{BOUND_S}s)={len(fz.slow)} slowest={fz.max_s:.2f}s "
+              f"5xx={fz.counts['5xx']} slow(>{BOUND_S}s)={len(fz.slow)} slowest={fz.max_s * 1000:.0f}ms "
               f"unsendable={fz.counts['unsendable']} "
               f"state unchanged={got == want}")
         assert fz.counts["5xx"] == 0 and not fz.slow, fz.slow
