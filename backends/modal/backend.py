@@ -43,6 +43,7 @@ import uuid
 import warnings
 import weakref
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -50,7 +51,7 @@ import httpx
 from loops_core.backend import Backend, SamplerHandle, TrainerHandle
 from loops_core.checkpoints import KINDS, META, check_name, parse_uri
 from loops_core.errors import APIConnectionError, InvalidRequestError, NotFoundError
-from loops_core.types import Checkpoint, CheckpointFile, CheckpointFilesResponse, ServerCapabilities, SupportedModel
+from loops_core.types import Checkpoint, CheckpointDownload, CheckpointFile, CheckpointFilesResponse, ServerCapabilities, SupportedModel
 from loops_core.wire import Endpoint
 
 from .container import ContainerConfig, ContainerSpec
@@ -269,6 +270,26 @@ class ModalBackend(Backend):
                                            last_modified=datetime.fromtimestamp(e.mtime, timezone.utc).isoformat())
                             for e in page],
             next_page_token=nxt if nxt < len(files) else None, total_count=len(files))
+
+    async def download_checkpoint(self, checkpoint_id: str, dest_dir: str | Path) -> CheckpointDownload:
+        """Every file of a checkpoint, read from the Volume through the modal client (its files have
+        no public URL)."""
+        from loops_core.download import prepare_dest, target_path
+
+        files = await self.list_checkpoint_files(checkpoint_id)
+        dest = prepare_dest(dest_dir)
+        run_id, kind, name = _split_checkpoint_id(checkpoint_id)
+        total = 0
+        for f in files:
+            data = await self.platform.read_file(f"runs/{run_id}/{kind}/{name}/{f.relative_file_name}")
+            if data is None:
+                raise NotFoundError(f"{f.relative_file_name} of checkpoint {checkpoint_id!r} vanished from the "
+                                    f"Modal volume {self.settings.volume!r}", status_code=404)
+            path = target_path(dest, f.relative_file_name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(path.write_bytes, data)
+            total += len(data)
+        return CheckpointDownload(dest_dir=str(dest), file_count=len(files), bytes_written=total)
 
     # ---- teardown -------------------------------------------------------------------------------
     async def _stop(self, started: list[Started], *, terminate: bool = False) -> None:

@@ -152,8 +152,11 @@ class Script:
     crash_at_start: int = 0        # the next N container starts die (the process, not a Python error)
     enter_error: str | None = None  # the next container's @enter raises this (a Python error)
     deadline_s: float = 150.0      # Modal's web request limit: past it, a 303 to the call's result
+    start_delay_s: float = 0.0     # a slow cold start (image pull, model load)
+    delay_s: dict[str, float] = field(default_factory=dict)  # path -> extra seconds a request takes
     starts: int = 0                # containers started so far (restarts included)
     crashes: int = 0
+    redirects: int = 0             # 303s answered
 
 
 @dataclass
@@ -166,12 +169,13 @@ class Container:
 class WebEndpoint:
     """One web function's URL (see the module docstring)."""
 
-    def __init__(self, *, app_id: str, label: str, start: Callable[[Script], Container], idle_s: float):
+    def __init__(self, *, app_id: str, label: str, start: Callable[[Script], Container], idle_s: float,
+                 script: Script | None = None):
         self.app_id = app_id
         self.label = label
         self._start = start
         self.idle_s = idle_s
-        self.script = Script()
+        self.script = script or Script()
         self.container: Container | None = None
         self.stopped = False
         self.last_request = time.monotonic()
@@ -227,6 +231,7 @@ class WebEndpoint:
         done, _ = await asyncio.wait({task}, timeout=self.script.deadline_s)
         if not done:  # Modal: a 303 to the same URL naming the call; the client follows it with a GET
             path = scope["path"]
+            self.script.redirects += 1
             await Response(status_code=303, headers={"location": f"{path}?__modal_function_call_id={call_id}"})(
                 scope, receive, send)
             return
@@ -241,12 +246,14 @@ class WebEndpoint:
         async with self._lock:  # one cold start at a time
             if self.container is None:
                 try:
+                    await asyncio.sleep(self.script.start_delay_s)
                     self.container = await asyncio.to_thread(self._start, self.script)
                 except Exception as exc:
                     self.script.crashes += 1
                     log.warning("fake modal: %s container failed at start: %s", self.label, exc)
                     return 500, {}, b"modal-http: internal error: the container exited before it could serve"
             container = self.container
+        await asyncio.sleep(self.script.delay_s.get(scope["path"], 0.0))
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
                    if k.lower() not in (b"host", b"content-length")]
         query = scope.get("query_string", b"").decode()

@@ -73,6 +73,8 @@ class FakeModal(api_grpc.ModalClientBase):
         self._own_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="loops-fake-modal-"))
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.scripts: dict[str, Script] = {}             # role -> events for its next web endpoint
+        self.rpc_delay_s: dict[str, float] = {}          # RPC name -> seconds it takes (e.g. a slow build)
         self.apps: dict[str, FakeApp] = {}
         self.images: dict[str, api_pb2.Image] = {}
         self.secrets: dict[str, dict[str, str]] = {}
@@ -281,6 +283,7 @@ class FakeModal(api_grpc.ModalClientBase):
 
     async def FunctionCreate(self, stream) -> None:
         req: api_pb2.FunctionCreateRequest = await stream.recv_message()
+        await asyncio.sleep(self.rpc_delay_s.get("FunctionCreate", 0.0))
         app = self._app(req.app_id)
         if req.HasField("function_data"):  # a GPU list: one definition per fallback, ranked
             data = req.function_data
@@ -339,7 +342,8 @@ class FakeModal(api_grpc.ModalClientBase):
             return Container(server=server, views=views)
 
         idle = float(fn.task_idle_timeout_secs or 300)
-        ep = WebEndpoint(app_id=app.app_id, label=app.description, start=start, idle_s=idle)
+        ep = WebEndpoint(app_id=app.app_id, label=app.description, start=start, idle_s=idle,
+                         script=self.scripts.pop(user_cls.role, None))
         app.endpoints.append(ep)
         return ep
 
@@ -420,3 +424,25 @@ class FakeModal(api_grpc.ModalClientBase):
         for entry in req.updates:
             self.dicts[req.dict_id][entry.key] = entry.value
         await stream.send_message(api_pb2.DictUpdateResponse(created=True))
+
+
+def main() -> None:
+    """``python -m loops_backends.modal.fake_control_plane``: serve a fake for scripts (the
+    quickstart, a notebook) until interrupted; prints the environment that points modal at it."""
+    import signal
+
+    fake = FakeModal().start()
+    print(f"export MODAL_SERVER_URL={fake.url} MODAL_TOKEN_ID=ak-fake-loops MODAL_TOKEN_SECRET=as-fake-loops",
+          flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.close()
+
+
+if __name__ == "__main__":
+    main()
