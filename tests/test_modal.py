@@ -375,7 +375,8 @@ def test_publish_follows_the_303_past_the_deadline(fake):
     tc = service.create_lora_training_client("loops/tiny-qwen3", rank=4, seed=0)
     sc = _train_and_publish(tc, "slow")
     sampler = fake.endpoint("sampler")
-    assert sampler.script.redirects >= 1  # Modal's proxy answered 303; the trainer followed it
+    assert sampler.script.redirects >= 1  # Modal's proxy answered 303 ...
+    assert sampler.script.followed >= 1   # ... and the trainer waited for the load's result behind it
     assert sampler.container.server.live_version == 1 and _sample(sc).policy_version == 1
     service.close()
 

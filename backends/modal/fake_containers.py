@@ -157,6 +157,7 @@ class Script:
     starts: int = 0                # containers started so far (restarts included)
     crashes: int = 0
     redirects: int = 0             # 303s answered
+    followed: int = 0              # GETs of a 303's location (a client that follows it)
 
 
 @dataclass
@@ -219,6 +220,7 @@ class WebEndpoint:
             return
         call_id = request.query_params.get("__modal_function_call_id")
         if call_id is not None:
+            self.script.followed += 1
             task = self._calls.get(call_id)
             if task is None:
                 await Response(f"modal-http: unknown function call {call_id}", 404)(scope, receive, send)
