@@ -36,6 +36,9 @@ import httpx
 
 log = logging.getLogger("loops.modal.fake")
 OPEN_FILES = "there are open files preventing the operation"  # Modal's reload conflict, verbatim
+# Containers here share one process: two cold starts importing transformers at once in two threads
+# can fail (its lazy imports are not thread-safe), which separate containers never see.
+_START_LOCK = threading.Lock()
 
 
 # ---- the Volume -------------------------------------------------------------------------------
@@ -242,6 +245,10 @@ class WebEndpoint:
         await Response(content, status, headers=headers)(scope, receive, send)
         self.last_request = time.monotonic()
 
+    def _start_one(self) -> Container:
+        with _START_LOCK:
+            return self._start(self.script)
+
     async def _forward(self, method: str, scope: dict, body: bytes) -> tuple[int, dict, bytes]:
         if self._lock is None:
             self._lock = asyncio.Lock()
@@ -249,7 +256,7 @@ class WebEndpoint:
             if self.container is None:
                 try:
                     await asyncio.sleep(self.script.start_delay_s)
-                    self.container = await asyncio.to_thread(self._start, self.script)
+                    self.container = await asyncio.to_thread(self._start_one)
                 except Exception as exc:
                     self.script.crashes += 1
                     log.warning("fake modal: %s container failed at start: %s", self.label, exc)
