@@ -19,8 +19,7 @@ Web functions are served by ``fake_containers.WebEndpoint``: loops' own trainer 
 servers, started on the first request through ``app.serve_container``, the hook the real
 container's ``@modal.enter()`` calls. Scripted events: ``endpoint(role).script`` (crash at start,
 an ``@enter`` error, the 303 deadline), ``endpoint(role).restart()``, scale-down after the
-function's ``scaledown_window``, ``volume(name).reload_conflicts``; and, when ``heartbeat_timeout_s``
-is set, an ephemeral app whose client stops heart-beating is stopped, as Modal does.
+function's ``scaledown_window``, ``volume(name).reload_conflicts``, ``rpc_delay_s`` (a slow RPC).
 """
 
 from __future__ import annotations
@@ -69,10 +68,9 @@ def _id(prefix: str) -> str:
 class FakeModal(api_grpc.ModalClientBase):
     """The fake control plane (see the module docstring)."""
 
-    def __init__(self, *, root: Path | str | None = None, heartbeat_timeout_s: float | None = None):
+    def __init__(self, *, root: Path | str | None = None):
         self._own_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="loops-fake-modal-"))
-        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.scripts: dict[str, Script] = {}             # role -> events for its next web endpoint
         self.rpc_delay_s: dict[str, float] = {}          # RPC name -> seconds it takes (e.g. a slow build)
         self.apps: dict[str, FakeApp] = {}
@@ -102,7 +100,6 @@ class FakeModal(api_grpc.ModalClientBase):
             ready.set()
             while self._server is not None:
                 await asyncio.sleep(0.5)
-                self._expire_heartbeats()
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
@@ -236,15 +233,6 @@ class FakeModal(api_grpc.ModalClientBase):
         app.stopped, app.stop_source = True, why
         for ep in app.endpoints:
             ep.stop()
-
-    def _expire_heartbeats(self) -> None:
-        if self.heartbeat_timeout_s is None:
-            return
-        now = time.monotonic()
-        for app in list(self.apps.values()):
-            if (not app.stopped and app.state == api_pb2.APP_STATE_EPHEMERAL
-                    and now - app.last_heartbeat > self.heartbeat_timeout_s):
-                threading.Thread(target=self._stop_app, args=(app, "heartbeats stopped"), daemon=True).start()
 
     # ---- images, mounts, secrets --------------------------------------------------------------------
     async def ImageGetOrCreate(self, stream) -> None:

@@ -166,6 +166,9 @@ class VolumeSyncMiddleware:
             return
         if not self._restored:
             await self._restore()
+        await self._handle(scope, receive, send)
+
+    async def _handle(self, scope: dict, receive: Callable, send: Callable) -> None:
         path = scope["path"]
         needs = path in READS.get(self.role, ())
         if path in SAMPLES:
@@ -225,14 +228,14 @@ class VolumeSyncMiddleware:
                 return
             entries = await asyncio.to_thread(self.journal.entries)
             headers = {"Authorization": f"Api-Key {self.api_key}"} if self.api_key else {}
-            transport = httpx.ASGITransport(app=self)  # through the middleware: reload, then the real route
-            self._restored = True
+            transport = httpx.ASGITransport(app=self._handle)  # the real route, after a reload
             async with httpx.AsyncClient(transport=transport, base_url="http://sampler", headers=headers) as client:
                 for e in entries:
                     r = await client.post("/v1/load_lora_adapter", json=e)
                     if r.status_code != 200:
                         log.warning("could not restore published version %s: %s %s", e.get("policy_version"),
                                     r.status_code, r.text[:200])
+            self._restored = True  # only now: requests that arrived meanwhile waited on the lock
             if entries:
                 log.warning("restored %d published version(s) from the Volume", len(entries))
 
