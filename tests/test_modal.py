@@ -38,7 +38,7 @@ from loops_backends.modal.fake_control_plane import FakeModal  # noqa: E402
 from loops_backends.modal.settings import ModalSettings  # noqa: E402
 from loops_backends.modal.volume import VolumeCheckpointStore, VolumeReloadError  # noqa: E402
 from loops_core import (AdamParams, APIConnectionError, BackendUnavailableError, InvalidRequestError,  # noqa: E402
-                        ModelInput, NotFoundError, SamplingParams, ServiceClient)
+                        ModelInput, NotFoundError, SamplingParams, ServerRestartedError, ServiceClient)
 from loops_core.testing.contract.data import france, sft_datum  # noqa: E402
 
 LOOPS_CONTRACT_BACKENDS = ["modal"]  # the contract plugin runs this module's imported tests on modal alone
@@ -51,6 +51,20 @@ def fake(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LOOPS_MODAL_ENGINE", "fake")
     with FakeModal().active() as f:
         yield f
+
+
+@pytest.fixture
+def modal_service(fake):  # noqa: ANN001, ANN201
+    """``ServiceClient(backend="modal", ...)``, closed before the fake goes (a failing test too)."""
+    made: list[ServiceClient] = []
+
+    def make(**options):  # noqa: ANN003, ANN202
+        made.append(ServiceClient(backend="modal", **options))
+        return made[-1]
+
+    yield make
+    for service in made:
+        service.close()
 
 
 def _train_and_publish(tc, name: str):  # noqa: ANN001, ANN202
@@ -252,10 +266,10 @@ def test_store_retries_reload_conflicts_and_never_blocks_the_event_loop(tmp_path
 
 
 # ---- provisioning through the real modal client ---------------------------------------------------------
-def test_provisioning_through_the_modal_client(fake, monkeypatch):
+def test_provisioning_through_the_modal_client(fake, modal_service, monkeypatch):
     monkeypatch.setenv("LOOPS_MODAL_SCALEDOWN", "300")
     with fake.intercept() as calls:
-        service = ServiceClient(backend="modal")
+        service = modal_service()
         tc = service.create_lora_training_client("loops/tiny-qwen3", rank=4, seed=0)
     sampler_fn, trainer_fn = fake.function_definitions()
     assert (sampler_fn.function_name, trainer_fn.function_name) == ("LoopsSampler.*", "LoopsTrainer.*")
@@ -287,12 +301,12 @@ def test_provisioning_through_the_modal_client(fake, monkeypatch):
         httpx.get(sampler_url + "/health")
 
 
-def test_reuse_from_session_id_and_app_ids(fake):
-    first = ServiceClient(backend="modal", detach=True)
+def test_reuse_from_session_id_and_app_ids(fake, modal_service):
+    first = modal_service(detach=True)
     tc = first.create_lora_training_client("loops/tiny-qwen3", rank=4)
     first.close()
     assert len(fake.running_apps()) == 2  # detached: the apps outlive the session
-    second = ServiceClient(backend="modal", reuse_from_session_id=first.session_id)
+    second = modal_service(reuse_from_session_id=first.session_id)
     again = second.create_lora_training_client("loops/tiny-qwen3", rank=4)
     assert again.run_id == tc.run_id and len(fake.apps) == 2  # no new apps
     second.close()
@@ -303,10 +317,10 @@ def test_reuse_from_session_id_and_app_ids(fake):
 
 
 # ---- containers that fail, restart, scale down ----------------------------------------------------------
-def test_container_dying_at_start_is_reported_within_a_bound(fake, monkeypatch):
+def test_container_dying_at_start_is_reported_within_a_bound(fake, modal_service, monkeypatch):
     monkeypatch.setattr(backend_module, "CRASH_WINDOW_S", 1.0)
     fake.scripts["sampler"] = Script(crash_at_start=1000)
-    service = ServiceClient(backend="modal", detach=True)  # a failed detached start leaves nothing running
+    service = modal_service(detach=True)  # a failed detached start leaves nothing running
     t = time.monotonic()
     with pytest.raises(APIConnectionError, match=r"keeps failing at start.*modal app logs ap-") as err:
         service.create_lora_training_client("loops/tiny-qwen3", rank=4, ready_timeout=3600)
@@ -317,17 +331,17 @@ def test_container_dying_at_start_is_reported_within_a_bound(fake, monkeypatch):
     service.close()
 
 
-def test_enter_error_is_reported_at_once(fake):
+def test_enter_error_is_reported_at_once(fake, modal_service):
     fake.scripts["trainer"] = Script(enter_error="CUDA out of memory while loading the model")
-    service = ServiceClient(backend="modal")
+    service = modal_service()
     with pytest.raises(APIConnectionError, match=r"trainer failed to start.*CUDA out of memory.*modal app logs ap-"):
         service.create_lora_training_client("loops/tiny-qwen3", rank=4, ready_timeout=3600)
     assert fake.running_apps() == []
     service.close()
 
 
-def test_restarted_sampler_serves_the_published_versions(fake):
-    service = ServiceClient(backend="modal")
+def test_restarted_sampler_serves_the_published_versions(fake, modal_service):
+    service = modal_service()
     tc = service.create_lora_training_client("loops/tiny-qwen3", rank=4, seed=0)
     pinned = _train_and_publish(tc, "v1")
     before = _sample(pinned)
@@ -339,11 +353,13 @@ def test_restarted_sampler_serves_the_published_versions(fake):
     assert sampler.script.starts == 2 and sampler.container.server is not old
     assert after.policy_version == 1 and after.sequences[0].tokens == before.sequences[0].tokens
     assert sorted(sampler.container.server.adapters) == [1, 2] and sampler.container.server.live_version == 2
+    # it restored every version, so it kept its incarnation: the client had nothing to notice
+    assert after.policy_version == 1 and sampler.container.server.app.stamp.value == old.app.stamp.value
     service.close()
 
 
-def test_idle_scale_down_then_cold_start(fake):
-    service = ServiceClient(backend="modal", scaledown=2)
+def test_idle_scale_down_then_cold_start(fake, modal_service):
+    service = modal_service(scaledown=2)
     tc = service.create_lora_training_client("loops/tiny-qwen3", rank=4, seed=0)
     pinned = _train_and_publish(tc, "v1")
     sampler = fake.endpoint("sampler")
@@ -355,23 +371,22 @@ def test_idle_scale_down_then_cold_start(fake):
     service.close()
 
 
-def test_restarted_trainer_is_a_new_incarnation(fake):
-    service = ServiceClient(backend="modal")
+def test_restarted_trainer_is_a_new_incarnation(fake, modal_service):
+    service = modal_service()
     tc = service.create_lora_training_client("loops/tiny-qwen3", rank=4, seed=0)
-    tc.save_state("before").result(timeout=60)
-    trainer = fake.endpoint("trainer")
-    old = trainer.container.server
-    trainer.restart()
-    assert httpx.get(tc._wire.url + "/health").json()["status"] == "ok"
-    new = trainer.container.server
-    assert new is not old and trainer.script.starts == 2  # a new TrainerServer: a new incarnation id
-    assert getattr(new, "incarnation", 1) != getattr(old, "incarnation", 2)
-    service.close()
+    datum = sft_datum(*france(tc.get_tokenizer()))
+    tc.forward_backward([datum]).result(timeout=60)
+    before = httpx.get(tc._wire.url + "/health").headers["x-loops-incarnation"]
+    fake.endpoint("trainer").restart()  # its operations and in-memory adapter are gone
+    after = httpx.get(tc._wire.url + "/health").headers["x-loops-incarnation"]
+    assert after != before and fake.endpoint("trainer").script.starts == 2
+    with pytest.raises(ServerRestartedError):
+        tc.forward_backward([datum]).result(timeout=60)
 
 
-def test_publish_follows_the_303_past_the_deadline(fake):
+def test_publish_follows_the_303_past_the_deadline(fake, modal_service):
     fake.scripts["sampler"] = Script(deadline_s=0.3, delay_s={"/v1/load_lora_adapter": 1.0})
-    service = ServiceClient(backend="modal")
+    service = modal_service()
     tc = service.create_lora_training_client("loops/tiny-qwen3", rank=4, seed=0)
     sc = _train_and_publish(tc, "slow")
     sampler = fake.endpoint("sampler")
@@ -381,8 +396,8 @@ def test_publish_follows_the_303_past_the_deadline(fake):
     service.close()
 
 
-def test_volume_reload_conflicts_are_retried(fake):
-    service = ServiceClient(backend="modal")
+def test_volume_reload_conflicts_are_retried(fake, modal_service):
+    service = modal_service()
     tc = service.create_lora_training_client("loops/tiny-qwen3", rank=4, seed=0)
     fake.volume("loops-checkpoints").reload_conflicts = 3  # files open in the sampler's container
     assert _sample(_train_and_publish(tc, "v1")).policy_version == 1
@@ -436,11 +451,15 @@ def test_quickstart_runs_through_the_fake(fake):
     assert "backend: modal" in r.stdout and len(fake.apps) == 2 and fake.running_apps() == []
 
 
-def test_torch_engine_through_the_fake(fake, monkeypatch):
+# transformers 5.24 deprecations hit inside the HF sampler (peft's is_gradient_checkpointing,
+# past_key_values); that engine is backends/local_gpu's, and tests/test_local_sampler.py fails on the
+# same warnings. This test is about the Modal path around it.
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torch_engine_through_the_fake(fake, modal_service, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     monkeypatch.setenv("LOOPS_MODAL_ENGINE", "local")
-    service = ServiceClient(backend="modal", sampler_engine="hf")
+    service = modal_service(sampler_engine="hf")
     tc = service.create_lora_training_client("loops/tiny-qwen3", rank=4, seed=0)
     assert type(fake.endpoint("trainer").container.server.engine).__name__ == "TorchTrainerEngine"
     datum = sft_datum(*france(tc.get_tokenizer()))

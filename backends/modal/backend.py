@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -140,7 +141,12 @@ class ModalBackend(Backend):
         return started
 
     def _endpoint(self, url: str, key: str) -> Endpoint:
-        return Endpoint(url=url, api_key=key)
+        # Keys are never pickled: a pickled client re-reads it from ``api_key_env``. The variable is
+        # named after the key and set here, so clients unpickled in this process or its children
+        # find it; elsewhere, export it (the error names it).
+        env = f"LOOPS_MODAL_API_KEY_{hashlib.sha256(key.encode()).hexdigest()[:12].upper()}"
+        os.environ[env] = key
+        return Endpoint(url=url, api_key=key, api_key_env=env)
 
     # ---- provisioning -------------------------------------------------------------------------
     async def create_trainer(self, base_model: str, *, rank: int, seed: int | None, ready_timeout: float,

@@ -133,7 +133,8 @@ def build_server(config: ContainerConfig, *, volume: Volume | None = None,
     store.reload()  # a new container sees what was committed before it started
     if config.role == "sampler":
         server = SamplerServer(make_sampler_engine(config), store=store, api_key=config.api_key)
-        server.app = VolumeSyncMiddleware(server.app, store, "sampler", api_key=config.api_key,
+        stamp = server.app if hasattr(server.app, "value") else None  # loops_core's IncarnationMiddleware
+        server.app = VolumeSyncMiddleware(server.app, store, "sampler", api_key=config.api_key, stamp=stamp,
                                           journal=PublishedJournal(store, config.run_id))
         return server
     if config.role != "trainer":
@@ -142,7 +143,7 @@ def build_server(config: ContainerConfig, *, volume: Volume | None = None,
     if config.sampler_url:
         link = SamplerLink(url=config.sampler_url, transport=FollowRedirects(),
                            headers={"Authorization": f"Api-Key {config.api_key}"} if config.api_key else None)
-    # A new TrainerServer per container: a restarted trainer is a new incarnation of the run.
+    # A new TrainerServer per container draws a new incarnation id: clients see a restarted trainer.
     server = TrainerServer(make_trainer_engine(config), run_id=config.run_id, store=store, sampler=link,
                            seed=config.seed, api_key=config.api_key, poll_hold=config.poll_hold)
     resume_latest(server, store)

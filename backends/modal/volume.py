@@ -18,7 +18,10 @@ retried, and when it keeps failing the request fails instead of reading a stale 
 ``PublishedJournal``: the sampler keeps the versions the trainer published in memory only. It
 records each successful ``/v1/load_lora_adapter`` on the Volume, and a new sampler container (after
 a scale-down or a preemption) loads them back, through its own route, before it answers anything,
-so clients pinned to a version keep working.
+so clients pinned to a version keep working. The journal also keeps the sampler's incarnation id
+(the ``x-loops-incarnation`` every answer carries): a container that restored every version takes
+it over, since nothing a client relies on was lost; one that could not restore them keeps its new
+id, so clients see the restart (``ServerRestartedError``).
 """
 
 from __future__ import annotations
@@ -151,13 +154,15 @@ class VolumeSyncMiddleware:
     records published versions and loads them back first thing in a new container."""
 
     def __init__(self, app: Any, store: VolumeCheckpointStore, role: str, *, journal: "PublishedJournal | None" = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None, stamp: Any = None):
         self.app = app
         self.store = store
         self.role = role
         self.journal = journal
         self.api_key = api_key
+        self.stamp = stamp  # the server's IncarnationMiddleware (its ``value`` goes on every answer)
         self._restored = journal is None
+        self._replaying = False  # restoring: the journal already holds these versions
         self._restore_lock: asyncio.Lock | None = None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -185,7 +190,8 @@ class VolumeSyncMiddleware:
                 return
         token = _synced.set(needs)
         try:
-            if self.journal is not None and path == "/v1/load_lora_adapter" and scope["method"] == "POST":
+            if (self.journal is not None and not self._replaying and path == "/v1/load_lora_adapter"
+                    and scope["method"] == "POST"):
                 await self._load_and_record(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -216,7 +222,7 @@ class VolumeSyncMiddleware:
             try:
                 request, result = json.loads(body), json.loads(b"".join(answer))
                 await asyncio.to_thread(self.journal.record, request.get("lora_name"), request.get("lora_path"),
-                                        result.get("policy_version"))
+                                        result.get("policy_version"), self._incarnation())
             except Exception as exc:  # serving goes on; only a restart would miss this version
                 log.warning("could not record published version on the Volume: %s", exc)
 
@@ -226,18 +232,31 @@ class VolumeSyncMiddleware:
         async with self._restore_lock:
             if self._restored or self.journal is None:
                 return
-            entries = await asyncio.to_thread(self.journal.entries)
+            incarnation, entries = await asyncio.to_thread(self.journal.load)
             headers = {"Authorization": f"Api-Key {self.api_key}"} if self.api_key else {}
             transport = httpx.ASGITransport(app=self._handle)  # the real route, after a reload
+            restored, self._replaying = 0, True
             async with httpx.AsyncClient(transport=transport, base_url="http://sampler", headers=headers) as client:
                 for e in entries:
                     r = await client.post("/v1/load_lora_adapter", json=e)
-                    if r.status_code != 200:
+                    if r.status_code == 200:
+                        restored += 1
+                    else:
                         log.warning("could not restore published version %s: %s %s", e.get("policy_version"),
                                     r.status_code, r.text[:200])
+            self._replaying = False
+            if incarnation and restored == len(entries) and self.stamp is not None:
+                self.stamp.value = incarnation.encode()  # the same sampler, as far as any client can tell
+            elif entries:
+                await asyncio.to_thread(self.journal.save, self._incarnation(), entries)
             self._restored = True  # only now: requests that arrived meanwhile waited on the lock
             if entries:
                 log.warning("restored %d published version(s) from the Volume", len(entries))
+
+
+    def _incarnation(self) -> str | None:
+        value = getattr(self.stamp, "value", None)
+        return value.decode() if isinstance(value, bytes) else None
 
 
 class PublishedJournal:
@@ -248,23 +267,28 @@ class PublishedJournal:
         self.path = store.local / "published" / f"{run_id}.json"
         self.keep = keep
 
-    def entries(self) -> list[dict]:
+    def load(self) -> tuple[str | None, list[dict]]:
+        """The recorded incarnation and the newest versions, oldest first."""
         self.store.reload()
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return []
-        return sorted(data, key=lambda e: e["policy_version"])[-self.keep:]
+            return None, []
+        versions = sorted(data.get("versions", []), key=lambda e: e["policy_version"])[-self.keep:]
+        return data.get("incarnation"), versions
 
-    def record(self, name: str | None, path: str | None, version: int | None) -> None:
+    def save(self, incarnation: str | None, versions: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"incarnation": incarnation, "versions": versions}))
+        self.store.commit()
+
+    def record(self, name: str | None, path: str | None, version: int | None, incarnation: str | None) -> None:
         if not (name and path and isinstance(version, int)):
             return
         try:
-            data = [e for e in json.loads(self.path.read_text()) if e.get("policy_version") != version]
-        except (OSError, ValueError):
-            data = []
-        data.append({"lora_name": name, "lora_path": path, "policy_version": version})
-        data = sorted(data, key=lambda e: e["policy_version"])[-self.keep:]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(data))
-        self.store.commit()
+            versions = json.loads(self.path.read_text()).get("versions", [])
+        except (OSError, ValueError, AttributeError):
+            versions = []
+        versions = [e for e in versions if e.get("policy_version") != version]
+        versions.append({"lora_name": name, "lora_path": path, "policy_version": version})
+        self.save(incarnation, sorted(versions, key=lambda e: e["policy_version"])[-self.keep:])
