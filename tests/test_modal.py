@@ -293,6 +293,8 @@ def test_provisioning_through_the_modal_client(fake, modal_service, monkeypatch)
         service.create_sampling_client(model_path=f"loops://{tc.run_id}/sampler_weights/missing")
     with pytest.raises(InvalidRequestError):
         service.create_sampling_client(model_path="/some/dir")  # on Modal: checkpoint URIs only
+    with pytest.raises(NotFoundError):
+        service.delete_checkpoint(f"{tc.run_id}/weights/missing")
 
     sampler_url = fake.endpoint("sampler").url
     service.close()

@@ -68,7 +68,8 @@ CRASH_WINDOW_S = 120.0
 
 class ModalBackend(Backend):
     name = "modal"
-    capabilities = frozenset({"checkpoints", "sampler_pinning", "standalone_sampler", "tokenizer"})
+    capabilities = frozenset({"checkpoints", "checkpoint_delete", "sampler_pinning", "standalone_sampler",
+                              "tokenizer"})
 
     def __init__(self, config):  # noqa: ANN001
         super().__init__(config)
@@ -276,6 +277,14 @@ class ModalBackend(Backend):
                                            last_modified=datetime.fromtimestamp(e.mtime, timezone.utc).isoformat())
                             for e in page],
             next_page_token=nxt if nxt < len(files) else None, total_count=len(files))
+
+    async def delete_checkpoint(self, checkpoint_id: str) -> None:
+        run_id, kind, name = _split_checkpoint_id(checkpoint_id)
+        base = f"runs/{run_id}/{kind}/{name}"
+        if await self.platform.read_file(f"{base}/{META}") is None:
+            raise NotFoundError(f"checkpoint {checkpoint_id!r} not found on the Modal volume {self.settings.volume!r}",
+                                status_code=404)
+        await self.platform.remove(base)
 
     async def download_checkpoint(self, checkpoint_id: str, dest_dir: str | Path) -> CheckpointDownload:
         """Every file of a checkpoint, read from the Volume through the modal client (its files have

@@ -14,7 +14,7 @@ asserting on calls), and the client is pointed at it the way Modal's own test-su
 
 It implements the RPCs the backend's calls need: apps (create, publish, heartbeat, disconnect,
 stop, lookup by id), images / mounts / secrets (recorded, built at once), functions and classes
-(a web function gets a loopback URL), Volumes (list, read files through a block URL), Dicts.
+(a web function gets a loopback URL), Volumes (list, read files through a block URL, remove), Dicts.
 Web functions are served by ``fake_containers.WebEndpoint``: loops' own trainer and sampler
 servers, started on the first request through ``app.serve_container``, the hook the real
 container's ``@modal.enter()`` calls. Scripted events: ``endpoint(role).script`` (crash at start,
@@ -383,6 +383,20 @@ class FakeModal(api_grpc.ModalClientBase):
             urls.append(f"{self.blob_http.url}/blocks/{token}")
         await stream.send_message(api_pb2.VolumeGetFile2Response(get_urls=urls, size=len(data), start=0,
                                                                  len=len(data)))
+
+    async def VolumeRemoveFile2(self, stream) -> None:
+        req: api_pb2.VolumeRemoveFile2Request = await stream.recv_message()
+        root = self._volume_root(req.volume_id)
+        p = root / req.path.lstrip("/")
+        if not p.exists() or p == root:
+            raise GRPCError(Status.NOT_FOUND, f"No such file or directory: {req.path}")
+        if p.is_dir():
+            if not req.recursive:
+                raise GRPCError(Status.INVALID_ARGUMENT, f"{req.path} is a directory; pass recursive=True")
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        await stream.send_message(Empty())
 
     async def _blob_app(self, scope: dict, receive: Any, send: Any) -> None:
         from starlette.responses import Response

@@ -7,8 +7,8 @@
   how to stop it;
 * ``stop_app(app_id)``: stop an app by id (reuse; a failed detached start);
 * ``stop_pending()``: stop the apps whose start has not returned (close or exit mid-provisioning);
-* ``listdir(path)`` / ``read_file(path)`` / ``file_url(path)``: read the checkpoint Volume from
-  outside any container;
+* ``listdir(path)`` / ``read_file(path)`` / ``remove(path)`` / ``file_url(path)``: the checkpoint
+  Volume from outside any container;
 * ``get_record(key)`` / ``put_record(key, value)``: the session records that make
   ``reuse_from_session_id`` work across processes (a ``modal.Dict``).
 """
@@ -53,6 +53,7 @@ class Platform(Protocol):
     async def stop_pending(self) -> None: ...
     async def listdir(self, path: str) -> list[VolumeEntry]: ...
     async def read_file(self, path: str) -> bytes | None: ...
+    async def remove(self, path: str) -> None: ...
     def file_url(self, path: str) -> str: ...
     async def get_record(self, key: str) -> dict | None: ...
     async def put_record(self, key: str, value: dict) -> None: ...
@@ -134,6 +135,10 @@ class ModalPlatform:
             return b"".join([chunk async for chunk in self._volume().read_file.aio(path)])
         except (NotFoundError, FileNotFoundError):  # Volume.read_file turns Modal's NotFoundError into the builtin
             return None
+
+    async def remove(self, path: str) -> None:
+        """Remove a file or directory tree from the Volume (containers see it after their next reload)."""
+        await self._volume().remove_file.aio(path, recursive=True)
 
     def file_url(self, path: str) -> str:
         # Volume files have no public URL; this names the file for `modal volume get`.
