@@ -52,7 +52,8 @@ import httpx
 from loops_core.backend import Backend, SamplerHandle, TrainerHandle
 from loops_core.checkpoints import KINDS, META, check_name, parse_uri
 from loops_core.errors import APIConnectionError, InvalidRequestError, NotFoundError
-from loops_core.types import Checkpoint, CheckpointDownload, CheckpointFile, CheckpointFilesResponse, ServerCapabilities, SupportedModel
+from loops_core.types import (Checkpoint, CheckpointDownload, CheckpointFile, CheckpointFilesResponse,
+                              ServerCapabilities, SupportedModel)
 from loops_core.wire import Endpoint
 
 from .container import ContainerConfig, ContainerSpec

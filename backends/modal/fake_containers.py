@@ -130,7 +130,8 @@ class LoopbackServer:
         self.sock.listen(256)
         self.sock.setblocking(False)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", interface="asgi3", timeout_keep_alive=120,
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", interface="asgi3",
+                                                    timeout_keep_alive=120,
                                                     timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name=f"{name}-{self.url}", daemon=True)

@@ -296,7 +296,8 @@ class FakeModal(api_grpc.ModalClientBase):
         await stream.send_message(api_pb2.ClassCreateResponse(class_id=_id("cs"),
                                                                handle_metadata=api_pb2.ClassHandleMetadata()))
 
-    def _metadata(self, app_id: str, name: str, ftype: int, methods: dict, urls: dict) -> api_pb2.FunctionHandleMetadata:
+    def _metadata(self, app_id: str, name: str, ftype: int, methods: dict,
+                  urls: dict) -> api_pb2.FunctionHandleMetadata:
         md = api_pb2.FunctionHandleMetadata(function_name=name, function_type=ftype, app_id=app_id)
         for mname, mdef in methods.items():
             md.method_handle_metadata[mname].CopyFrom(api_pb2.FunctionHandleMetadata(
