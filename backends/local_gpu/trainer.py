@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
+import math
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,7 +37,8 @@ from torch import Tensor, nn
 from loops_core.engine import TrainerEngine
 from loops_core.types import AdamParams, Datum, ForwardBackwardOutput, TensorData
 
-from .logprobs import target_logprobs
+from . import kernels
+from .logprobs import fused_ce_available, logprobs_and_topk, target_logprobs  # noqa: F401 (re-exported)
 from .lora import make_lora_config
 from .losses_torch import LOSS_FUNCTIONS, LossInputs, combine_stats
 # Tests and scripts import these from this module too (e.g. trainer.pack, trainer.VARLEN).
@@ -42,6 +46,15 @@ from .packing import (VARLEN, VARLEN_IMPLEMENTATIONS, PackedBatch, _default_atte
                       _per_datum_logprobs, _transformers_detects_packing, _varlen_kernel,
                       block_causal_mask, micro_batches, pack, varlen_attention_forward)
 from .tiny_model import TINY_MODEL_NAME, model_not_found, resolve_model_path
+from .trainer_runs import RunState, adapter_params, offload, restore
+
+try:  # the multi-run contract's names (loops_core.engine gains them with the many-runs server)
+    from loops_core.engine import DEFAULT_RUN, MAX_TOP_K_LOGPROBS, NonFiniteError
+except ImportError:  # pragma: no cover - until that lands
+    DEFAULT_RUN, MAX_TOP_K_LOGPROBS = "default", 20
+
+    class NonFiniteError(ValueError):
+        """A loss or gradient came out NaN or infinite; the operation changed nothing."""
 
 ADAPTER = "default"  # peft adapter name; part of the stable parameter names in saved state
 STATE_META = "trainer_state.json"
@@ -73,6 +86,18 @@ class TrainerConfig:
     # can be long; a block-diagonal mask costs N^2 whatever the datums, so rows stay shorter.
     micro_batch_tokens: int = 16384
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (on by default on CUDA)
+    # The dtype LoRA's matmuls run in. None: the base model's when that is bf16/fp16 (autocast;
+    # peft keeps the LoRA weights, their gradients and Adam's moments in fp32 either way), else
+    # fp32. "float32" is the old path (peft upcasts activations to fp32 for every LoRA matmul).
+    lora_compute_dtype: str | None = None
+    tf32: bool = True  # TF32 tensor cores for the matmuls that stay fp32 (CUDA only)
+    # At most this many runs keep their adapter + Adam state on the device; the least recently
+    # used others wait on ``offload_device`` (moved back, bit for bit, when next used). None: no cap.
+    max_resident_runs: int | None = None
+    offload_device: str = "cpu"
+    # liger-kernel's fused linear cross-entropy for the target logprobs when it is installed and
+    # the model runs on CUDA ("auto"), never ("off"). See logprobs.py for when it applies.
+    fused_ce: Literal["auto", "off"] = "auto"
 
     @classmethod
     def resolve(cls, base_model: str, *, device: str | None, dtype: str | None, **kw) -> "TrainerConfig":
@@ -116,15 +141,32 @@ class TorchTrainerEngine(TrainerEngine):
                  lora_alpha: float | None = None, train_attn: bool = True, train_mlp: bool = True,
                  attn_implementation: str | None = None, packing: Literal["auto", "mask"] = "auto",
                  logprob_chunk_tokens: int = 1024, micro_batch_tokens: int | None = None,
-                 gradient_checkpointing: bool | None = None):
+                 gradient_checkpointing: bool | None = None, lora_compute_dtype: str | None = None,
+                 tf32: bool = True, max_resident_runs: int | None = None, offload_device: str = "cpu",
+                 fused_ce: Literal["auto", "off"] = "auto"):
         self.config = TrainerConfig.resolve(
             base_model, device=device, dtype=dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
             train_attn=train_attn, train_mlp=train_mlp, seed=seed, max_seq_len=max_seq_len,
             attn_implementation=attn_implementation, packing=packing,
             logprob_chunk_tokens=logprob_chunk_tokens, micro_batch_tokens=micro_batch_tokens,
-            gradient_checkpointing=gradient_checkpointing)
+            gradient_checkpointing=gradient_checkpointing, lora_compute_dtype=lora_compute_dtype,
+            tf32=tf32, max_resident_runs=max_resident_runs, offload_device=offload_device, fused_ce=fused_ce)
         self.device = torch.device(self.config.device)
         self.dtype = _DTYPES[self.config.dtype]
+        if max_resident_runs is not None and max_resident_runs < 1:
+            raise ValueError(f"max_resident_runs must be >= 1 (or None for no cap), got {max_resident_runs}")
+        compute = self.config.lora_compute_dtype
+        if compute is not None and compute not in _DTYPES:
+            raise ValueError(f"lora_compute_dtype must be one of {sorted(_DTYPES)}, got {compute!r}")
+        compute_dtype = _DTYPES[compute] if compute else self.dtype
+        # Autocast only where it changes something: half-precision LoRA matmuls on a half base.
+        self._autocast_dtype = compute_dtype if compute_dtype in (torch.bfloat16, torch.float16) else None
+        if self.device.type == "cuda" and self.config.tf32:
+            torch.set_float32_matmul_precision("high")  # TF32 for what stays fp32 (this process only)
+        self._fused_ce = self.config.fused_ce == "auto" and self.device.type == "cuda" and fused_ce_available()
+        self._runs: OrderedDict[str, RunState] = OrderedDict()  # least recently used first
+        self._current: RunState | None = None
+        self._adapter_ids = itertools.count(1)
 
         # 2. Load the base model, frozen, in eval mode (no dropout: RL ratios need exact logprobs).
         self.base_model = base_model
@@ -143,7 +185,7 @@ class TorchTrainerEngine(TrainerEngine):
         self.explicit_mask = not self.varlen and (
             self.config.packing == "mask" or not _transformers_detects_packing())
 
-        self.model = None  # the peft wrapper, made by init_lora
+        self.model = None  # the peft wrapper, made by the first init_lora
         self.init_lora(lora_rank, seed)
 
     def _load_base(self, path: str) -> nn.Module:
@@ -160,6 +202,8 @@ class TorchTrainerEngine(TrainerEngine):
             raise model_not_found(self.base_model, e) from e
         model.to(self.device)
         model.requires_grad_(False)
+        if self._fused_ce:  # liger's RMSNorm/SwiGLU/RoPE too, where it has them (kernels.py)
+            kernels.patch_model(model)
         if self.config.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None)
             if enable is not None:
@@ -182,99 +226,247 @@ class TorchTrainerEngine(TrainerEngine):
                 if isinstance(m, Layer) and getattr(m, "gradient_checkpointing", False) is True:
                     m.training = True
 
-    # ---- 3. the adapter and its optimizer ------------------------------------------------------
+    # ---- 3. runs: an adapter and its optimizer each (trainer_runs.py) -------------------------
 
-    def init_lora(self, rank: int, seed: int | None) -> None:
-        config = make_lora_config(self.base, rank, self.config.lora_alpha,
-                                  train_attn=self.config.train_attn, train_mlp=self.config.train_mlp)
-        self._make_adapter(config, seed)
+    @property
+    def runs(self) -> list[str]:
+        return list(self._runs)
 
-    def _make_adapter(self, lora_config, seed: int | None) -> None:
+    @property
+    def current(self) -> RunState:
+        if self._current is None:
+            raise LookupError("no current run: call init_lora(rank, seed, run=...) first")
+        return self._current
+
+    # The current run's view, under the names the engine has always had.
+    lora_rank = property(lambda self: self.current.rank)
+    named_params = property(lambda self: self.current.named_params if self._current else [])
+    params = property(lambda self: self.current.params if self._current else [])
+    optimizer = property(lambda self: self.current.optimizer)
+
+    @property
+    def step(self) -> int:
+        return self.current.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.current.step = int(value)
+
+    def init_lora(self, rank: int, seed: int | None, *, run: str = DEFAULT_RUN) -> None:
+        config = make_lora_config(self.base if self.model is None else self.causal_lm, rank,
+                                  self.config.lora_alpha, train_attn=self.config.train_attn,
+                                  train_mlp=self.config.train_mlp)
+        self._make_adapter(config, seed, run)
+
+    def use_run(self, run: str) -> None:
+        state = self._runs.get(run)
+        if state is None:
+            raise LookupError(f"unknown run {run!r}; this trainer holds {sorted(self._runs)}")
+        self._activate(state)
+
+    def close_run(self, run: str) -> None:
+        state = self._runs.pop(run, None)
+        if state is None:
+            return
+        if self._current is state:
+            self._current = None
+        if not self._runs:  # the last run: back to the bare base model
+            self.base = self.model.unload()
+            self.model = None
+        else:
+            self._delete_adapter(state.adapter)
+        state.optimizer.state.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _make_adapter(self, lora_config, seed: int | None, run: str = DEFAULT_RUN) -> None:
         from peft import get_peft_model
 
-        if self.model is not None:
-            self.base = self.model.unload()  # the base modules back, without LoRA (no reload)
-            self.model = None
+        old = self._runs.pop(run, None)
+        if old is not None:  # a reset: drop the old adapter, make a new one under the same name
+            if self._current is old:
+                self._current = None
+            if self._runs:
+                self._delete_adapter(old.adapter)
+            else:
+                self.base = self.model.unload()  # the base modules back, without LoRA (no reload)
+                self.model = None
+            adapter = old.adapter
+        else:
+            adapter = DEFAULT_RUN if run == DEFAULT_RUN else f"r{next(self._adapter_ids)}"
         lora_config = copy.deepcopy(lora_config)
         lora_config.base_model_name_or_path = None  # get_peft_model sets it to the resolved path
         lora_config.inference_mode = False  # a saved adapter_config.json says True: it would freeze LoRA
         # peft creates the LoRA matrices on the CPU (then moves them), so a CPU generator seeded
         # here gives the same adapter on every device. fork_rng keeps the caller's RNG untouched.
         # Without a seed the global RNG is used (and advanced), so each unseeded init differs.
+        # get_peft_model and add_adapter visit the layers in the same order, so a run's seeded
+        # adapter is the same whether or not other runs exist.
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         rng = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
         with rng, warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # peft vs transformers 5 names
             if seed is not None:
                 torch.manual_seed(seed)
-            self.model = get_peft_model(self.base, lora_config, adapter_name=ADAPTER)
+            if self.model is None:
+                self.model = get_peft_model(self.base, lora_config, adapter_name=adapter)
+                # Once, not per run: moving the whole model would also move offloaded runs back.
+                self.model.to(self.device)
+            else:
+                self.model.add_adapter(adapter, lora_config)
         # export_adapter records the name the user passed, not our resolved directory.
-        self.model.peft_config[ADAPTER].base_model_name_or_path = self.base_model
-        self.model.to(self.device)
-        self._set_modes()
-        self.lora_rank = lora_config.r
-        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in self.named_params]
-        self._new_optimizer()
-        self.step = 0
+        self.model.peft_config[adapter].base_model_name_or_path = self.base_model
+        named = adapter_params(self.model, adapter)
+        for _, p in named:  # add_adapter puts new LoRA weights beside the base layer's weights
+            if p.device != self.device:
+                p.data = p.data.to(self.device)
+        state = RunState(run=run, adapter=adapter, rank=lora_config.r, named_params=named,
+                         optimizer=self._optimizer_for([p for _, p in named]))
+        self._runs[run] = state
         self.causal_lm = self.model.get_base_model()  # the HF model, LoRA layers injected
         self.decoder = self.causal_lm.get_decoder()  # stops at the final norm
         self.lm_head = self.causal_lm.get_output_embeddings()  # tied or not, the same module call
+        self._activate(state)
 
-    def _new_optimizer(self) -> None:
+    def _delete_adapter(self, adapter: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Adapter X was active which is now deleted"
+            if adapter in self.model.active_adapters:
+                other = next(r.adapter for r in self._runs.values() if r.adapter != adapter)
+                self.model.set_adapter(other)
+            self.model.delete_adapter(adapter)
+
+    def _activate(self, state: RunState) -> None:
+        """Make ``state`` the current run: its adapter active and trainable, its tensors on the
+        device, and (over the ``max_resident_runs`` cap) the least recently used others off it."""
+        self._runs.move_to_end(state.run)  # most recently used last
+        restore(state, self.device)
+        if self.model.active_adapter != state.adapter:
+            self.model.set_adapter(state.adapter)  # also sets requires_grad: only this one trains
+        self._set_modes()
+        self._current = state
+        cap = self.config.max_resident_runs
+        if cap is not None:
+            resident = [r for r in self._runs.values() if r.resident and r is not state]
+            for idle in resident[:max(0, len(resident) + 1 - cap)]:
+                offload(idle, torch.device(self.config.offload_device))
+
+    @property
+    def resident_runs(self) -> list[str]:
+        return [r.run for r in self._runs.values() if r.resident]
+
+    def _optimizer_for(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         # AdamW over the LoRA parameters only; hyper-parameters are set on every optim_step.
         # Gradients live as zero tensors (not None), so "accumulated gradient" is always defined.
         # fused: one kernel for all LoRA tensors on CUDA; foreach: a few vectorised ops on CPU.
         cuda = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.params, lr=0.0, betas=(0.9, 0.95), eps=1e-12,
-                                           weight_decay=0.0, fused=cuda or None, foreach=None if cuda else True)
-        for p in self.params:
+        for p in params:
             p.grad = torch.zeros_like(p)
+        return torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0,
+                                 fused=cuda or None, foreach=None if cuda else True)
+
+    def _new_optimizer(self) -> None:
+        """A fresh AdamW for the current run (zero gradients, no moments)."""
+        self.current.optimizer = self._optimizer_for(self.current.params)
 
     # ---- 4. forward / backward ---------------------------------------------------------------
 
     def forward_backward(self, data: list[Datum], loss_fn: str, config: dict[str, float], *,
-                         backward: bool) -> ForwardBackwardOutput:
+                         backward: bool, top_k_logprobs: int = 0) -> ForwardBackwardOutput:
+        """Runs every micro-batch without a host-device sync (the active rows are found while
+        packing, on the host; results stay on the device), then copies everything the reply
+        needs to the host in one transfer at the end. The new gradient is computed on its own
+        and added to the accumulated one only when it and the loss are finite."""
+        run = self.current
         if self.max_seq_len is not None:
             for i, d in enumerate(data):
                 if d.model_input.length > self.max_seq_len:
                     raise ValueError(f"data[{i}] has {d.model_input.length} tokens, more than "
                                      f"max_seq_len={self.max_seq_len}")
+        top_k = int(top_k_logprobs or 0)
+        if not 0 <= top_k <= MAX_TOP_K_LOGPROBS:
+            raise ValueError(f"top_k_logprobs must be in [0, {MAX_TOP_K_LOGPROBS}], got {top_k}")
         loss_function = LOSS_FUNCTIONS[loss_fn]
+        batches, results, stats = [], [], []
+        params = run.params
+        accumulated = [p.grad for p in params]
+        if backward:
+            for p in params:  # this call's gradient lands in fresh buffers
+                p.grad = None
+        try:
+            for part in micro_batches(data, self.config.micro_batch_tokens, paired=loss_fn == "dpo"):
+                batch = pack(data[part], loss_fn, config, self.device)
+                with torch.set_grad_enabled(backward):
+                    with self._compute_context():
+                        lp, topk = self._logprobs(batch, top_k)  # [N, K]
+                    result = loss_function(self._loss_inputs(batch, lp), config)
+                    if backward and result.loss.requires_grad:
+                        result.loss.backward()  # adds to .grad across micro-batches
+                batches.append(batch)
+                results.append((torch.where(batch.targets >= 0, lp.detach(), math.nan), topk))
+                stats.append(result.stats)
+            grad_norm = None
+            if backward:
+                fresh = [p.grad for p in params if p.grad is not None]
+                grad_norm = torch.stack(torch._foreach_norm(fresh)).sum() if fresh else None
+            host = _to_host(stats, results, grad_norm)  # the one device-to-host transfer
+        except BaseException:
+            if backward:
+                for p, g in zip(params, accumulated):
+                    p.grad = g
+            raise
+        stats, results, grad_norm = host
+        bad = [name for name in ("loss:sum",) if not all(math.isfinite(float(s[name][0])) for s in stats)]
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            bad.append("gradient")
+        if backward:
+            fresh = [p.grad for p in params]
+            for p, g in zip(params, accumulated):
+                p.grad = g
+            if not bad:
+                pairs = [(g, f) for g, f in zip(accumulated, fresh) if f is not None]
+                if pairs:
+                    torch._foreach_add_([g for g, _ in pairs], [f for _, f in pairs])
+        if bad:
+            raise NonFiniteError(
+                f"{loss_fn}: the {' and the '.join(bad)} came out NaN or infinite; nothing was "
+                f"applied (adapter, optimizer and accumulated gradients are unchanged). Check the "
+                f"loss inputs (advantages, logprobs, weights) for extreme values")
         outputs: list[dict[str, TensorData]] = []
-        stats = []
-        for part in micro_batches(data, self.config.micro_batch_tokens, paired=loss_fn == "dpo"):
-            batch = pack(data[part], loss_fn, config, self.device)
-            with torch.set_grad_enabled(backward):
-                lp = self._logprobs(batch)  # [N, K]
-                result = loss_function(self._loss_inputs(batch, lp), config)
-                if backward and result.loss.requires_grad:
-                    result.loss.backward()  # adds to .grad: accumulation across calls is free
-            stats.append(result.stats)
-            outputs += _per_datum_logprobs(lp.detach(), batch)
+        for batch, (lp, topk) in zip(batches, results):
+            outputs += _per_datum_logprobs(lp, batch, topk)  # host tensors, NaN where inactive
         metrics = combine_stats(stats, config)
         return ForwardBackwardOutput(loss=metrics["loss:sum"], loss_fn_outputs=outputs, metrics=metrics)
 
-    def _logprobs(self, batch: PackedBatch) -> Tensor:
+    def _compute_context(self):
+        """bf16 LoRA compute on a bf16 base (autocast; the fp32 LoRA master weights and Adam state
+        stay fp32), else nothing: see ``TrainerConfig.lora_compute_dtype``."""
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+
+    def _logprobs(self, batch: PackedBatch, top_k: int = 0) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         kw = {}
+        hidden_of = lambda h: h[0]  # noqa: E731 - one packed row
         if self.varlen:  # the boundaries, given rather than re-derived from position_ids per layer
             longest = max(batch.lengths)
             kw = dict(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
                       max_length_q=longest, max_length_k=longest)
+            ids, pos = batch.input_ids, batch.position_ids
         elif len(set(batch.lengths)) == 1:
             # Equal lengths: a [B, L] batch is the same computation with no padding and no block
             # mask, so sdpa takes its fused causal path (B * L^2 attention, not (B * L)^2).
             shape = (len(batch.lengths), batch.lengths[0])
-            hidden = self.decoder(input_ids=batch.input_ids.view(shape), position_ids=batch.position_ids.view(shape),
-                                  use_cache=False).last_hidden_state
-            return target_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.lm_head, batch.targets,
-                                   chunk_tokens=self.config.logprob_chunk_tokens, softcap=self.softcap)
-        elif self.explicit_mask:
-            kw = dict(attention_mask=block_causal_mask(batch.position_ids, self.dtype))
-        hidden = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                              use_cache=False, **kw).last_hidden_state[0]
-        return target_logprobs(hidden, self.lm_head, batch.targets,
-                               chunk_tokens=self.config.logprob_chunk_tokens, softcap=self.softcap)
+            ids, pos = batch.input_ids.view(shape), batch.position_ids.view(shape)
+            hidden_of = lambda h: h.reshape(-1, h.shape[-1])  # noqa: E731
+        else:
+            if self.explicit_mask:
+                kw = dict(attention_mask=block_causal_mask(batch.position_ids, self.dtype))
+            ids, pos = batch.input_ids, batch.position_ids
+        hidden = hidden_of(self.decoder(input_ids=ids, position_ids=pos, use_cache=False, **kw).last_hidden_state)
+        return logprobs_and_topk(hidden, self.lm_head, batch.targets, chunk_tokens=self.config.logprob_chunk_tokens,
+                                 softcap=self.softcap, rows=batch.active_rows, num_rows=batch.num_active,
+                                 top_k=top_k, fused=self._fused_ce)
 
     @staticmethod
     def _loss_inputs(batch: PackedBatch, lp: Tensor) -> LossInputs:
@@ -289,31 +481,36 @@ class TorchTrainerEngine(TrainerEngine):
     # ---- 5. the optimizer step ---------------------------------------------------------------
 
     def optim_step(self, params: AdamParams) -> dict[str, float]:
-        for group in self.optimizer.param_groups:
+        run = self.current
+        for group in run.optimizer.param_groups:
             group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2),
                          eps=params.eps, weight_decay=params.weight_decay)
         if params.grad_clip_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, params.grad_clip_norm)
+            norm = torch.nn.utils.clip_grad_norm_(run.params, params.grad_clip_norm)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
-        self.step += 1
-        return {"grad_norm:mean": float(norm), "learning_rate:mean": float(params.learning_rate)}
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in run.params]))
+        norm = float(norm)
+        if not math.isfinite(norm):  # accumulated gradients were checked; this is a last guard
+            raise NonFiniteError("the accumulated gradient's norm is NaN or infinite; no step was taken")
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=False)
+        run.step += 1
+        return {"grad_norm:mean": norm, "learning_rate:mean": float(params.learning_rate)}
 
-    # ---- 6. checkpoints ----------------------------------------------------------------------
+    # ---- 6. checkpoints (of the current run) --------------------------------------------------
 
     def save_state(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
+        run = self.current
         directory = Path(directory)
         self._save_adapter(directory)  # adapter_config.json + adapter_model.safetensors
         moments = {}
-        for name, p in self.named_params:
-            for key, value in self.optimizer.state.get(p, {}).items():
+        for name, p in run.named_params:
+            for key, value in run.optimizer.state.get(p, {}).items():
                 moments[f"{name}::{key}"] = value.detach().to("cpu", copy=True).contiguous()
         save_file(moments, str(directory / STATE_OPTIMIZER), metadata={"format": "pt"})
-        meta = {"step": self.step, "lora_rank": self.lora_rank, "base_model": self.base_model,
+        meta = {"step": run.step, "lora_rank": run.rank, "base_model": self.base_model,
                 "arch": self.arch, "adapter_name": ADAPTER}
         (directory / STATE_META).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -327,27 +524,29 @@ class TorchTrainerEngine(TrainerEngine):
             raise ValueError(f"the state in {directory} was trained on {meta.get('base_model')!r}, "
                              f"not on this engine's base model {self.base_model!r}")
         saved = LoraConfig.from_pretrained(str(directory))
-        current = self.model.peft_config[ADAPTER]
+        run = self.current
+        current = self.model.peft_config[run.adapter]
         if (saved.r, saved.lora_alpha, set(saved.target_modules)) != \
                 (current.r, current.lora_alpha, set(current.target_modules)):
-            self._make_adapter(saved, seed=None)  # a differently shaped adapter: rebuild, then load
+            self._make_adapter(saved, None, run.run)  # a differently shaped adapter: rebuild, then load
+            run = self.current
         weights = load_file(str(directory / "adapter_model.safetensors"), device=str(self.device))
-        result = set_peft_model_state_dict(self.model, weights, adapter_name=ADAPTER)
-        missing = [k for k in result.missing_keys if ".lora_" in k]
+        result = set_peft_model_state_dict(self.model, weights, adapter_name=run.adapter)
+        missing = [k for k in result.missing_keys if f".{run.adapter}." in k and ".lora_" in k]
         if missing:
             raise ValueError(f"the adapter in {directory} lacks {len(missing)} LoRA weights, e.g. {missing[0]}")
         self._new_optimizer()  # also zeroes the gradients
         if with_optimizer:
             tensors = load_file(str(directory / STATE_OPTIMIZER))
             state = {}
-            for i, (name, _) in enumerate(self.named_params):
+            for i, (name, _) in enumerate(run.named_params):
                 entry = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
                 if entry:
                     state[i] = entry
-            sd = self.optimizer.state_dict()
+            sd = run.optimizer.state_dict()
             sd["state"] = state
-            self.optimizer.load_state_dict(sd)  # casts moments to each parameter's device/dtype
-        self.step = int(meta["step"])
+            run.optimizer.load_state_dict(sd)  # casts moments to each parameter's device/dtype
+        run.step = int(meta["step"])
 
     def export_adapter(self, directory: Path) -> None:
         self._save_adapter(Path(directory))
@@ -355,17 +554,54 @@ class TorchTrainerEngine(TrainerEngine):
     def _save_adapter(self, directory: Path) -> None:
         # Standard PEFT files: keys like base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
         # (no adapter name), which peft.PeftModel.from_pretrained and vLLM's LoRA loader read.
-        # save_embedding_layers=False: we never adapt embeddings, and "auto" would ask the hub
-        # whether the base model's vocabulary was resized.
-        self.model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
-        readme = directory / "README.md"  # peft's model-card stub; not part of the adapter
-        if readme.exists():
-            readme.unlink()
+        # Written here rather than by save_pretrained, which puts any adapter not named "default"
+        # in a subdirectory. save_embedding_layers=False: we never adapt embeddings, and "auto"
+        # would ask the hub whether the base model's vocabulary was resized.
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        run = self.current
+        weights = get_peft_model_state_dict(self.model, adapter_name=run.adapter, save_embedding_layers=False)
+        weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
+        save_file(weights, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = copy.deepcopy(self.model.peft_config[run.adapter])
+        config.inference_mode = True
+        config.base_model_name_or_path = self.base_model
+        config.save_pretrained(str(directory))
 
     def close(self) -> None:
         self.model = self.base = self.causal_lm = self.decoder = self.lm_head = None
-        self.optimizer = None
-        self.params = self.named_params = []
+        self._runs.clear()
+        self._current = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+
+def _to_host(stats: list[dict], results: list, grad_norm: Tensor | None):
+    """Everything a reply needs, copied to the host in one transfer (float64 holds float32
+    values and token ids exactly): the metrics' (numerator, denominator) pairs, the logprobs and
+    top-k of every micro-batch, and the gradient norm; returned in the same structure."""
+    parts: list[Tensor] = []
+    for s in stats:
+        for num, den in s.values():
+            parts += [num, den]
+    for lp, topk in results:
+        parts.append(lp)
+        if topk is not None:
+            parts += [topk[1], topk[0]]  # ids, logprobs
+    if grad_norm is not None:
+        parts.append(grad_norm)
+    device = parts[0].device
+    flat = torch.cat([p.detach().reshape(-1).to(device, torch.float64) for p in parts]).cpu()
+    pieces, i = [], 0
+    for p in parts:
+        pieces.append(flat[i:i + p.numel()].view(p.shape))
+        i += p.numel()
+    it = iter(pieces)
+    host_stats = [{name: (next(it), next(it)) for name in s} for s in stats]
+    host_results = []
+    for _, topk in results:
+        lp = next(it)
+        host_results.append((lp, None if topk is None else (next(it).long(), next(it).float())))
+    norm = float(next(it)) if grad_norm is not None else None
+    return host_stats, host_results, norm
