@@ -75,10 +75,10 @@ def test_headroom_setting_and_env_override_the_estimate(monkeypatch):
 
 
 def test_two_gpus_put_trainer_and_sampler_apart():
-    plan = plan_placement(QWEN3["8b"], [gpu(0, 80, used_gb=30), gpu(1, 80)])
+    plan = plan_placement(QWEN3["8b"], [gpu(0, 80, used_gb=30), gpu(1, 80, used_gb=60), gpu(2, 80)])
     assert not plan.shared
-    assert plan.trainer_device == "cuda:1"  # the one with the most free memory
-    assert plan.sampler_device == "cuda:0"
+    assert plan.trainer_device == "cuda:0"  # where the trainer engine goes by default
+    assert plan.sampler_device == "cuda:2"  # the other GPU with the most free memory
     # The sampler has its GPU to itself: only the safety margin stays free, capped at 92%.
     assert plan.sampler_memory_fraction(80 * GiB, 80 * GiB) == pytest.approx(0.92)
     assert plan.sampler_memory_fraction(50 * GiB, 80 * GiB) == pytest.approx((50 - 0.5) / 80, abs=1e-3)
@@ -126,3 +126,32 @@ def test_no_gpu_is_a_clear_error_and_plan_for_model_returns_none(tmp_path):
     assert ModelShape.from_model_dir(tmp_path) == QWEN3["0.6b"]
     assert plan_for_model(tmp_path, gpus=[]) is None
     assert plan_for_model(tmp_path, gpus=[gpu()]).shared
+
+
+def test_trainer_check_before_loading():
+    from loops_backends.local_gpu.placement import check_trainer_fits
+
+    check_trainer_fits(QWEN3["1.7b"], gpu(0, 24))
+    with pytest.raises(PlacementError, match="the trainer needs about .* cuda:0 has 10.0 GiB free"):
+        check_trainer_fits(QWEN3["8b"], Gpu(0, 24 * GiB, 10 * GiB))
+
+
+def test_vllm_sampler_share_comes_from_the_plan(monkeypatch):
+    """``make_sampler_engine``'s placement step with made-up GPUs (the tiny model's shape)."""
+    from loops_backends.local_gpu import placement, samplers
+
+    monkeypatch.delenv(HEADROOM_ENV, raising=False)
+    monkeypatch.setattr(placement, "probe_gpus", lambda: [gpu(0, 80, used_gb=20)])
+    one = samplers._vllm_placement("loops/tiny-qwen3", 64, None)
+    assert 0.5 < one["gpu_memory_utilization"] < 0.75  # 60 GB free minus the trainer's headroom
+    tight = samplers._vllm_placement("loops/tiny-qwen3", 64, 30.0)  # --activation-headroom-gb 30
+    assert tight["gpu_memory_utilization"] == pytest.approx((60 - 30 - 0.5) / 80, abs=2e-3)
+    monkeypatch.setattr(placement, "probe_gpus", lambda: [gpu(0, 80, used_gb=20), gpu(1, 80)])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    two = samplers._vllm_placement("loops/tiny-qwen3", 64, None)
+    assert two["gpu_memory_utilization"] == pytest.approx(0.92)
+    import os
+
+    assert os.environ.pop("CUDA_VISIBLE_DEVICES") == "1"  # the sampler's own GPU
+    monkeypatch.setattr(placement, "probe_gpus", lambda: [])
+    assert samplers._vllm_placement("loops/tiny-qwen3", 64, None) == {}

@@ -5,8 +5,10 @@ A pure planning step, so that it can be unit-tested with made-up memory figures:
 memory (:class:`Gpu`) and the settings (:class:`PlacementSettings`), and returns a
 :class:`Placement` or raises :class:`PlacementError` *before anything is loaded*.
 
-* Two or more GPUs: the trainer goes to the GPU with the most free memory, the sampler to the
-  next one; each must fit on its own.
+* Two or more GPUs: the trainer goes to the first (``cuda:0``, where the trainer engine goes by
+  default), the sampler to the other GPU with the most free memory; each must fit on its own.
+  (Fixed, not by free memory: trainer and sampler plan in their own processes, one possibly after
+  the other has loaded, and must agree.)
 * One GPU: trainer and sampler share it. The trainer loads first; the sampler (vLLM reserves its
   share of memory up front) then takes ``(free memory after the trainer is up - activation
   headroom - safety) / total``: :meth:`Placement.sampler_memory_fraction`, computed in the sampler
@@ -202,14 +204,14 @@ def plan_placement(shape: ModelShape, gpus: list[Gpu], settings: PlacementSettin
     resident, headroom = trainer_bytes(shape, s)
     sampler = sampler_min_bytes(shape, s)
     trainer_need = resident + headroom
-    ranked = sorted(gpus, key=lambda g: (-g.free, g.index))
     if len(gpus) >= 2:
-        t, smp = ranked[0], ranked[1]
+        t = min(gpus, key=lambda g: g.index)
+        smp = max((g for g in gpus if g is not t), key=lambda g: (g.free, -g.index))
         if trainer_need > t.free:
             raise PlacementError(
                 f"the trainer needs about {_gib(trainer_need)} ({_gib(resident)} weights and LoRA "
                 f"state + {_gib(headroom)} activations at {s.micro_batch_tokens} tokens a micro-batch) "
-                f"but the GPU with the most free memory (cuda:{t.index}) has {_gib(t.free)}; {_fixes(False)}")
+                f"but cuda:{t.index} has {_gib(t.free)} free; {_fixes(False)}")
         if sampler + s.safety > smp.free:
             raise PlacementError(f"the sampler needs about {_gib(sampler)} but cuda:{smp.index} has "
                                  f"{_gib(smp.free)} free; {_fixes(False)}")
@@ -223,6 +225,18 @@ def plan_placement(shape: ModelShape, gpus: list[Gpu], settings: PlacementSettin
             f"at {s.micro_batch_tokens} tokens a micro-batch), the {s.sampler_engine} sampler at least "
             f"{_gib(sampler)}, and {_gib(g.free)} of {_gib(g.total)} is free; {_fixes(True)}")
     return Placement(f"cuda:{g.index}", f"cuda:{g.index}", True, resident, headroom, sampler, s)
+
+
+def check_trainer_fits(shape: ModelShape, gpu: Gpu, settings: PlacementSettings | None = None) -> None:
+    """The trainer's own check, before it loads anything: its weights, LoRA state and activation
+    headroom fit in what is free on its GPU now."""
+    s = settings or PlacementSettings()
+    resident, headroom = trainer_bytes(shape, s)
+    if resident + headroom > gpu.free:
+        raise PlacementError(
+            f"the trainer needs about {_gib(resident + headroom)} ({_gib(resident)} weights and LoRA state + "
+            f"{_gib(headroom)} activations at {s.micro_batch_tokens} tokens a micro-batch) but cuda:{gpu.index} "
+            f"has {_gib(gpu.free)} free of {_gib(gpu.total)}; {_fixes(False)}")
 
 
 def _gib(n: int) -> str:

@@ -173,6 +173,8 @@ class TorchTrainerEngine(TrainerEngine):
         # The tiny model is named, not located: a client on another machine (Modal) resolves the
         # name to its own copy, where this container's directory would not exist.
         model_path = resolve_model_path(base_model)
+        if self.device.type == "cuda":
+            self._check_fits(model_path)
         self.tokenizer_id = TINY_MODEL_NAME if base_model == TINY_MODEL_NAME else model_path
         self.base = self._load_base(model_path)
         hf_config = self.base.config
@@ -187,6 +189,21 @@ class TorchTrainerEngine(TrainerEngine):
 
         self.model = None  # the peft wrapper, made by the first init_lora
         self.init_lora(lora_rank, seed)
+
+    def _check_fits(self, model_path: str) -> None:
+        """A clear error before loading when the model cannot fit (placement.py's estimate)."""
+        from .placement import Gpu, ModelShape, PlacementSettings, check_trainer_fits
+
+        if not (Path(model_path) / "config.json").is_file():
+            return  # a hub id: transformers resolves it; its shape is not known here yet
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        settings = PlacementSettings.from_env(
+            lora_rank=self.config.lora_rank, micro_batch_tokens=self.config.micro_batch_tokens,
+            logprob_chunk_tokens=self.config.logprob_chunk_tokens,
+            gradient_checkpointing=self.config.gradient_checkpointing,
+            dtype_bytes=torch.finfo(self.dtype).bits // 8)
+        check_trainer_fits(ModelShape.from_model_dir(model_path), Gpu(index, total, free), settings)
 
     def _load_base(self, path: str) -> nn.Module:
         from transformers import AutoModelForCausalLM
