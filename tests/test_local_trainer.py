@@ -999,20 +999,19 @@ BF16_LOSS_RTOL, BF16_LP_ATOL = 2e-2, 6e-2  # bf16 LoRA matmuls vs fp32 ones, bot
 
 def test_bf16_lora_compute_agrees_with_fp32_lora_and_keeps_fp32_master_weights(model_dir):
     """The CUDA default (bf16 base, LoRA matmuls in bf16 under autocast, fp32 master weights and
-    Adam state) against the old path (peft's fp32 LoRA matmuls on the same bf16 base), on the CPU."""
+    Adam state) against the old path (peft's fp32 LoRA matmuls on the same bf16 base), on the CPU
+    (or on the GPU with LOOPS_TRAINER_TEST_DEVICE=cuda, as bench/gpu_check.sh runs it)."""
     from loops_backends.local_gpu.trainer import TorchTrainerEngine
 
-    if DEVICE != "cpu":
-        pytest.skip("CPU check; bench/gpu_check.sh runs the CUDA one")
     results = {}
     for compute in ("float32", None):
-        e = TorchTrainerEngine("loops/tiny-qwen3", lora_rank=RANK, seed=0, device="cpu", dtype="bfloat16",
+        e = TorchTrainerEngine("loops/tiny-qwen3", lora_rank=RANK, seed=0, device=DEVICE, dtype="bfloat16",
                                lora_compute_dtype=compute)
         assert (e._autocast_dtype is None) == (compute == "float32")
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for _, p in e.named_params:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.device))
         data = make_data(e, "cross_entropy")
         fb = e.forward_backward(data, "cross_entropy", resolve_config("cross_entropy", {}), backward=True)
         e.optim_step(AdamParams(learning_rate=1e-2))

@@ -90,7 +90,9 @@ class TrainerConfig:
     # peft keeps the LoRA weights, their gradients and Adam's moments in fp32 either way), else
     # fp32. "float32" is the old path (peft upcasts activations to fp32 for every LoRA matmul).
     lora_compute_dtype: str | None = None
-    tf32: bool = True  # TF32 tensor cores for the matmuls that stay fp32 (CUDA only)
+    # TF32 tensor cores for the matmuls that stay fp32 (CUDA only). None: on with a half-precision
+    # base (fp32 LoRA matmuls there, if asked for, need no more); off when the user chose fp32.
+    tf32: bool | None = None
     # At most this many runs keep their adapter + Adam state on the device; the least recently
     # used others wait on ``offload_device`` (moved back, bit for bit, when next used). None: no cap.
     max_resident_runs: int | None = None
@@ -142,7 +144,7 @@ class TorchTrainerEngine(TrainerEngine):
                  attn_implementation: str | None = None, packing: Literal["auto", "mask"] = "auto",
                  logprob_chunk_tokens: int = 1024, micro_batch_tokens: int | None = None,
                  gradient_checkpointing: bool | None = None, lora_compute_dtype: str | None = None,
-                 tf32: bool = True, max_resident_runs: int | None = None, offload_device: str = "cpu",
+                 tf32: bool | None = None, max_resident_runs: int | None = None, offload_device: str = "cpu",
                  fused_ce: Literal["auto", "off"] = "auto"):
         self.config = TrainerConfig.resolve(
             base_model, device=device, dtype=dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
@@ -161,7 +163,8 @@ class TorchTrainerEngine(TrainerEngine):
         compute_dtype = _DTYPES[compute] if compute else self.dtype
         # Autocast only where it changes something: half-precision LoRA matmuls on a half base.
         self._autocast_dtype = compute_dtype if compute_dtype in (torch.bfloat16, torch.float16) else None
-        if self.device.type == "cuda" and self.config.tf32:
+        tf32 = self.config.tf32 if self.config.tf32 is not None else self.dtype != torch.float32
+        if self.device.type == "cuda" and tf32:
             torch.set_float32_matmul_precision("high")  # TF32 for what stays fp32 (this process only)
         self._fused_ce = self.config.fused_ce == "auto" and self.device.type == "cuda" and fused_ce_available()
         self._runs: OrderedDict[str, RunState] = OrderedDict()  # least recently used first
