@@ -142,6 +142,7 @@ def test_vllm_sampler_share_comes_from_the_plan(monkeypatch):
 
     monkeypatch.delenv(HEADROOM_ENV, raising=False)
     monkeypatch.setattr(placement, "probe_gpus", lambda: [gpu(0, 80, used_gb=20)])
+    monkeypatch.setattr(placement, "processes_on_gpus", lambda: {0: [12345], 1: []})  # a trainer on GPU 0
     one = samplers._vllm_placement("loops/tiny-qwen3", 64, None)
     assert 0.5 < one["gpu_memory_utilization"] < 0.75  # 60 GB free minus the trainer's headroom
     tight = samplers._vllm_placement("loops/tiny-qwen3", 64, 30.0)  # --activation-headroom-gb 30
@@ -155,3 +156,18 @@ def test_vllm_sampler_share_comes_from_the_plan(monkeypatch):
     assert os.environ.pop("CUDA_VISIBLE_DEVICES") == "1"  # the sampler's own GPU
     monkeypatch.setattr(placement, "probe_gpus", lambda: [])
     assert samplers._vllm_placement("loops/tiny-qwen3", 64, None) == {}
+
+
+def test_a_sampler_alone_on_its_gpu_keeps_no_trainer_headroom(monkeypatch):
+    from loops_backends.local_gpu import placement, samplers
+
+    plan = plan_placement(QWEN3["8b"], [gpu(0, 24)], sampler_only=True)  # would not fit with a trainer
+    assert plan.sampler_device == "cuda:0" and not plan.shared
+    monkeypatch.setattr(placement, "probe_gpus", lambda: [gpu(0, 80, used_gb=0.5)])
+    monkeypatch.setattr(placement, "processes_on_gpus", lambda: {0: []})  # nobody else on the GPU
+    assert samplers._vllm_placement("loops/tiny-qwen3", 64, None)["gpu_memory_utilization"] == pytest.approx(0.92)
+    monkeypatch.setattr(placement, "processes_on_gpus", lambda: {0: [12345]})  # the trainer, up first
+    assert samplers._vllm_placement("loops/tiny-qwen3", 64, 20.0)["gpu_memory_utilization"] == pytest.approx(
+        (79.5 - 20 - 0.5) / 80, abs=2e-3)
+    with pytest.raises(PlacementError, match="the sampler needs about"):
+        plan_placement(QWEN3["8b"], [gpu(0, 12)], sampler_only=True)

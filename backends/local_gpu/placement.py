@@ -195,14 +195,23 @@ class Placement:
         return round(min(usable / total, s.max_sampler_fraction), 4)
 
 
-def plan_placement(shape: ModelShape, gpus: list[Gpu], settings: PlacementSettings | None = None) -> Placement:
-    """Place trainer and sampler on ``gpus`` (see the module docstring), or raise PlacementError."""
+def plan_placement(shape: ModelShape, gpus: list[Gpu], settings: PlacementSettings | None = None, *,
+                   sampler_only: bool = False) -> Placement:
+    """Place trainer and sampler on ``gpus`` (see the module docstring), or raise PlacementError.
+    ``sampler_only``: no trainer shares these GPUs (a sampler in a container of its own); the
+    sampler takes the GPU with the most free memory."""
     s = settings or PlacementSettings()
     if not gpus:
         raise PlacementError("no CUDA GPU is visible: the local backend runs on the CPU instead "
                              "(placement only plans GPUs)")
     resident, headroom = trainer_bytes(shape, s)
     sampler = sampler_min_bytes(shape, s)
+    if sampler_only:
+        g = max(gpus, key=lambda x: (x.free, -x.index))
+        if sampler + s.safety > g.free:
+            raise PlacementError(f"the sampler needs about {_gib(sampler)} but cuda:{g.index} has "
+                                 f"{_gib(g.free)} free; {_fixes(False)}")
+        return Placement("", f"cuda:{g.index}", False, 0, 0, sampler, s)
     trainer_need = resident + headroom
     if len(gpus) >= 2:
         t = min(gpus, key=lambda g: g.index)
@@ -287,6 +296,34 @@ def probe_gpus() -> list[Gpu]:
         free, total = torch.cuda.mem_get_info(i)
         gpus.append(Gpu(i, int(total), int(free)))
     return gpus
+
+
+def processes_on_gpus() -> dict[int, list[int]] | None:
+    """PIDs of the compute processes on each visible GPU (torch indexes), from ``nvidia-smi``;
+    None when it cannot tell."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        gpus = subprocess.run([smi, "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20, check=True).stdout
+        apps = subprocess.run([smi, "--query-compute-apps=gpu_uuid,pid", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [[c.strip() for c in line.split(",")] for line in gpus.strip().splitlines() if line.strip()]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        wanted = [v.strip() for v in visible.split(",") if v.strip()]
+        by_key = {r[0]: r for r in rows} | {r[1]: r for r in rows}
+        rows = [by_key[w] for w in wanted if w in by_key]
+    index_of = {r[1]: i for i, r in enumerate(rows)}
+    out: dict[int, list[int]] = {i: [] for i in range(len(rows))}
+    for line in apps.strip().splitlines():
+        parts = [c.strip() for c in line.split(",")]
+        if len(parts) == 2 and parts[0] in index_of and parts[1].isdigit():
+            out[index_of[parts[0]]].append(int(parts[1]))
+    return out
 
 
 def plan_for_model(model_path: str | Path, *, gpus: list[Gpu] | None = None, **settings) -> Placement | None:

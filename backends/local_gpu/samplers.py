@@ -56,8 +56,9 @@ def make_sampler_engine(base_model: str, *, engine: str = "auto", lora_rank: int
 def _vllm_placement(base_model: str, rank: int, headroom_gb: float | None) -> dict:
     """``gpu_memory_utilization`` for a vLLM sampler starting now (see ``placement.py``); with two
     or more GPUs also pins it to its own GPU through ``CUDA_VISIBLE_DEVICES``, which vLLM's engine
-    process (started after this) inherits."""
-    from .placement import GiB, ModelShape, PlacementSettings, plan_placement, probe_gpus
+    process (started after this) inherits. A single GPU that no other process uses (a sampler in
+    a container of its own, as on Modal) is the sampler's alone: no trainer headroom is kept."""
+    from .placement import GiB, ModelShape, PlacementSettings, plan_placement, probe_gpus, processes_on_gpus
     from .tiny_model import resolve_model_path
 
     gpus = probe_gpus()
@@ -65,7 +66,10 @@ def _vllm_placement(base_model: str, rank: int, headroom_gb: float | None) -> di
         return {}
     settings = PlacementSettings.from_env(
         lora_rank=rank, activation_headroom=None if headroom_gb is None else int(headroom_gb * GiB))
-    plan = plan_placement(ModelShape.from_model_dir(resolve_model_path(base_model)), gpus, settings)
+    others = processes_on_gpus()
+    alone = len(gpus) == 1 and others is not None and not [p for p in others.get(0, []) if p != os.getpid()]
+    plan = plan_placement(ModelShape.from_model_dir(resolve_model_path(base_model)), gpus, settings,
+                          sampler_only=alone)
     index = int(plan.sampler_device.split(":")[1])
     gpu = next(g for g in gpus if g.index == index)
     if not plan.shared and os.environ.get("CUDA_VISIBLE_DEVICES") is None:
