@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -248,3 +247,33 @@ def _per_datum_logprobs(lp: Tensor, batch: PackedBatch, topk: tuple[Tensor, Tens
         out.append(entry)
         start += n
     return out
+
+
+def _to_host(stats: list[dict], results: list, grad_norm: Tensor | None):
+    """Everything a reply needs, copied to the host in one transfer (float64 holds float32
+    values and token ids exactly): the metrics' (numerator, denominator) pairs, the logprobs and
+    top-k of every micro-batch, and the gradient norm; returned in the same structure."""
+    parts: list[Tensor] = []
+    for s in stats:
+        for num, den in s.values():
+            parts += [num, den]
+    for lp, topk in results:
+        parts.append(lp)
+        if topk is not None:
+            parts += [topk[1], topk[0]]  # ids, logprobs
+    if grad_norm is not None:
+        parts.append(grad_norm)
+    device = parts[0].device
+    flat = torch.cat([p.detach().reshape(-1).to(device, torch.float64) for p in parts]).cpu()
+    pieces, i = [], 0
+    for p in parts:
+        pieces.append(flat[i:i + p.numel()].view(p.shape))
+        i += p.numel()
+    it = iter(pieces)
+    host_stats = [{name: (next(it), next(it)) for name in s} for s in stats]
+    host_results = []
+    for _, topk in results:
+        lp = next(it)
+        host_results.append((lp, None if topk is None else (next(it).long(), next(it).float())))
+    norm = float(next(it)) if grad_norm is not None else None
+    return host_stats, host_results, norm
