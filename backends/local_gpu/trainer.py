@@ -317,10 +317,19 @@ class TorchTrainerEngine(ManyRuns, TrainerEngine):
 
     def _compute_context(self):
         """bf16 LoRA compute on a bf16 base (autocast; the fp32 LoRA master weights and Adam state
-        stay fp32), else nothing: see ``TrainerConfig.lora_compute_dtype``."""
+        stay fp32), else nothing: see ``TrainerConfig.lora_compute_dtype``. peft would first cast
+        each LoRA layer's bf16 input up to its fp32 weights' dtype (only for autocast to cast it
+        back down): that round trip is switched off inside the context."""
         if self._autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype))
+        try:
+            from peft.helpers import disable_input_dtype_casting
+        except ImportError:  # older peft: the round trip stays (same values, more memory traffic)
+            return stack
+        stack.enter_context(disable_input_dtype_casting(self.model))
+        return stack
 
     def _logprobs(self, batch: PackedBatch, top_k: int = 0) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         kw = {}
