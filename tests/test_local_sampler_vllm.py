@@ -165,6 +165,16 @@ def test_sampled_logprobs_are_temperature_scaled(engine, tok, ref, run, temperat
         _check_against(ref, p, seq, temperature=temperature)
 
 
+@requires_gpu
+def test_truncated_sampling_at_temperature_one_reports_full_vocabulary_logprobs(engine, tok, ref, run):
+    """top-p / top-k at T = 1: the HF engine's meaning (full vocabulary), via the rescoring prefill."""
+    p = tok.encode(PROMPTS[1])
+    res = run(engine.generate(GenerationRequest(prompt=p, n=2, max_tokens=8, temperature=1.0, top_p=0.8,
+                                                top_k=20, seed=4, stop_at_eos=False)))
+    for seq in res.sequences:
+        _check_against(ref, p, seq, temperature=1.0)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @requires_gpu
 def test_prompt_logprobs(engine, tok, ref, run, temperature):

@@ -171,3 +171,11 @@ def test_a_sampler_alone_on_its_gpu_keeps_no_trainer_headroom(monkeypatch):
         (79.5 - 20 - 0.5) / 80, abs=2e-3)
     with pytest.raises(PlacementError, match="the sampler needs about"):
         plan_placement(QWEN3["8b"], [gpu(0, 12)], sampler_only=True)
+
+
+def test_trainer_first_only_on_a_shared_gpu(monkeypatch):
+    from loops_backends.local_gpu import placement
+
+    for gpus, first in [([], False), ([gpu(0)], True), ([gpu(0), gpu(1)], False)]:
+        monkeypatch.setattr(placement, "probe_gpus", lambda g=gpus: g)
+        assert placement.trainer_first() is first

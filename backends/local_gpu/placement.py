@@ -326,6 +326,13 @@ def processes_on_gpus() -> dict[int, list[int]] | None:
     return out
 
 
+def trainer_first() -> bool:
+    """Whether the local backend must start the trainer and wait for it before starting the
+    sampler: one GPU shared by both (the sampler sizes its share from what the trainer left).
+    With no GPU, or two or more, both can start at once."""
+    return len(probe_gpus()) == 1
+
+
 def plan_for_model(model_path: str | Path, *, gpus: list[Gpu] | None = None, **settings) -> Placement | None:
     """:func:`plan_placement` for the model directory here and the GPUs here (None without a GPU).
     ``settings`` are :class:`PlacementSettings` fields; the headroom env variable applies."""
