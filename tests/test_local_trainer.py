@@ -924,6 +924,14 @@ def test_runs_interleaved_equal_each_run_alone_on_a_fresh_trainer(engine, cap, t
     with pytest.raises(LookupError, match="unknown run 'a'"):
         multi.use_run("a")
     multi.close_run("nope")  # ignored
+    # Closing every run leaves the bare base model; a new run then starts as on a fresh engine.
+    multi.close_run("b")
+    multi.close_run("default")
+    assert multi.runs == [] and multi.model is None
+    with pytest.raises(LookupError, match="no current run"):
+        multi.step  # noqa: B018
+    multi.init_lora(8, seed=3, run="c")
+    _assert_bit_identical(_run_script(multi, data), alone["a"])
     multi.close()
 
 
