@@ -3,8 +3,10 @@
 * :func:`fused_target_logprobs`: target logprobs through liger's fused linear cross-entropy,
   which never materialises a chunk of ``[tokens x vocab]`` logits. Used only where no gradient
   flows through the logprobs (``forward`` calls, and the top-k-free logprobs of a no-grad pass):
-  liger computes its input gradient during the forward assuming the upstream gradient of the
-  (per-token) loss is one scalar, which an RL loss's per-token weights are not.
+  liger before 0.8.5 computes its input gradient during the forward assuming the upstream
+  gradient of the (per-token) loss is one scalar, which an RL loss's per-token weights are not
+  (0.8.5 defers and recomputes it with per-token gradients; using it with gradients waits for a
+  CUDA agreement test of that path).
 * :func:`patch_model`: liger's RMSNorm, SwiGLU and RoPE for the model families it knows. They
   call the projections as modules, so LoRA-wrapped projections keep working.
 
