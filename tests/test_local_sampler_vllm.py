@@ -363,6 +363,8 @@ class StandInAsyncLLM:
         lps = []
         for j, t in enumerate(tokens):
             d = {t: Logprob(logprob=-0.25 * (j + 1), rank=1 if k else None)}
+            for t_id in sp.logprob_token_ids or []:  # asked for by id: an (arbitrary) raw value
+                d[t_id] = Logprob(logprob=-0.125 * (t_id % 7 + 1), rank=None)
             for r in range(2, k + 1):
                 d[(t + r) % VOCAB] = Logprob(logprob=-0.25 * (j + 1) - r, rank=r)
             lps.append(d)
@@ -412,6 +414,9 @@ async def main():
     stand_in.calls.clear()
     r = await eng.generate(GenerationRequest(prompt=prompt, n=2, max_tokens=3, temperature=1.0, top_p=0.9, seed=1))
     out["truncated"] = dict(calls=len(stand_in.calls), rescore_prompts=[c["prompt"] for c in stand_in.calls[2:]],
+                            rescore_ids=[c["sp"].logprob_token_ids for c in stand_in.calls[2:]],
+                            rescore_temperature=[(c["sp"].temperature, c["sp"].top_p, c["sp"].top_k)
+                                                 for c in stand_in.calls[2:]],
                             logprobs=[s.logprobs for s in r.sequences], tokens=[s.tokens for s in r.sequences])
     # Truncated at T = 0.8: no rescoring; greedy: no rescoring.
     stand_in.calls.clear()
@@ -526,9 +531,14 @@ def test_mapping_sampled_tokens_logprobs_and_topk(mapping):
 def test_mapping_truncated_sampling_is_rescored_at_temperature_one(mapping):
     t = mapping["truncated"]
     assert t["calls"] == 4  # two samples + one rescoring prefill each
-    assert t["rescore_prompts"] == [[5, 6, 7, 8, 9] + toks for toks in t["tokens"]]
-    # The rescoring prefill's (raw, full-vocabulary) prompt logprobs replace vLLM's truncated ones.
-    assert t["logprobs"][0] == [-0.05, -0.06, -0.07]
+    # prompt + all but the last token (never longer than the sample's own context) ...
+    assert t["rescore_prompts"] == [[5, 6, 7, 8, 9] + toks[:-1] for toks in t["tokens"]]
+    # ... and the last token asked for by id, at T = 1 without truncation.
+    assert t["rescore_ids"] == [[toks[-1]] for toks in t["tokens"]]
+    assert t["rescore_temperature"] == [[1.0, 1.0, 0]] * 2
+    # The rescoring prefill's (raw, full-vocabulary) logprobs replace vLLM's truncated ones.
+    last = t["tokens"][0][-1]
+    assert t["logprobs"][0] == [-0.05, -0.06, -0.125 * (last % 7 + 1)]
     assert mapping["no_rescore_calls"] == 2 and mapping["greedy_temperature"] == 0.0
 
 

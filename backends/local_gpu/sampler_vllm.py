@@ -24,8 +24,9 @@ it:
   greedy requests (vLLM takes greedy logprobs before any processing). With top-k or top-p on,
   vLLM's values are of the truncated, renormalised distribution: at ``T = 1`` each sequence is
   rescored in one prefill (``prompt_logprobs=0`` over prompt + sample, which is raw, i.e. the
-  full vocabulary at temperature 1); at other temperatures no pass of vLLM yields the full-vocabulary
-  normaliser, and the truncated values are returned (the one documented difference);
+  full vocabulary at temperature 1, and the last token by ``logprob_token_ids``); at other
+  temperatures no pass of vLLM yields the full-vocabulary normaliser, and the truncated values
+  are returned (the one documented difference);
 * ``topk_sample_logprobs`` k: vLLM's ``logprobs=k`` (the top k of the processed distribution, the
   one each token was drawn from);
 * prompt logprobs ride on the first sample's request whatever its temperature: vLLM computes
@@ -282,14 +283,20 @@ class VLLMSamplerEngine(SamplerEngine):
         result = self.to_result(req, prompt, outs, generated=n > 0 and max_new > 0)
         if n > 0 and max_new > 0 and _truncated(req) and not self._greedy(req) and req.temperature == 1.0:
             # Full-vocabulary logprobs at T = 1 for truncated sampling: rescore each sequence in
-            # one prefill (prompt logprobs are raw; see the module docstring).
-            rescored = await asyncio.gather(*(self._run(prompt + seq.tokens, self._rescore_params(), lora)
-                                              for seq in result.sequences if seq.tokens))
+            # one prefill (see the module docstring). The prefill is prompt + all but the last
+            # sampled token (so it never exceeds the context the sample fitted in): the prompt
+            # logprobs (raw) score those, and the last one is asked for by id on the one token
+            # the request generates (untruncated at T = 1, so processed = full vocabulary).
+            rescored = await asyncio.gather(*(
+                self._run(prompt + seq.tokens[:-1], self._rescore_params(seq.tokens[-1]), lora)
+                for seq in result.sequences if seq.tokens))
             it = iter(rescored)
             for seq in result.sequences:
                 if seq.tokens:
-                    entries = list(next(it).prompt_logprobs)[len(prompt):]
-                    seq.logprobs = [float(d[t].logprob) for t, d in zip(seq.tokens, entries)]
+                    out = next(it)
+                    entries = list(out.prompt_logprobs)[len(prompt):]
+                    lps = [float(d[t].logprob) for t, d in zip(seq.tokens[:-1], entries)]
+                    seq.logprobs = lps + [float(out.outputs[0].logprobs[0][seq.tokens[-1]].logprob)]
         return result
 
     @staticmethod
@@ -335,11 +342,12 @@ class VLLMSamplerEngine(SamplerEngine):
         return out
 
     @staticmethod
-    def _rescore_params():
+    def _rescore_params(last: int):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=0, detokenize=False,
+        return SamplingParams(n=1, temperature=1.0, top_k=0, top_p=1.0, max_tokens=1, prompt_logprobs=0,
+                              logprob_token_ids=[int(last)], ignore_eos=True, detokenize=False,
                               output_kind=RequestOutputKind.FINAL_ONLY)
 
     def to_result(self, req: GenerationRequest, prompt: list[int], outs: list, *,
