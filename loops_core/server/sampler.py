@@ -40,6 +40,7 @@ from ..checkpoints import CheckpointStore
 from ..engine import GenerationRequest, SamplerEngine
 from ..errors import InvalidRequestError
 from .stats import stats_route
+from .incarnation import IncarnationMiddleware
 from .http import ApiKeyMiddleware, error_response, guarded, json_body
 
 DEFAULT_MAX_TOKENS = 16  # as vLLM's completions endpoint
@@ -79,7 +80,7 @@ class SamplerServer:
             Route("/health", self._health, methods=["GET"]),
             Route("/stats", stats_route, methods=["GET"]),
         ]
-        self.app = ApiKeyMiddleware(Starlette(routes=routes), api_key)
+        self.app = IncarnationMiddleware(ApiKeyMiddleware(Starlette(routes=routes), api_key))
 
     @property
     def live_version(self) -> int:
