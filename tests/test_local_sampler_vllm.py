@@ -300,8 +300,6 @@ def test_factory_picks_vllm(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 VLLM_PIN = "vllm==0.33.0"
-# Pure-Python dependencies of loops_core that vllm does not bring along.
-LOOPS_DEPS = ["pluggy>=1.3"]
 
 DRIVER = r'''
 import asyncio, json, math, sys
@@ -452,12 +450,21 @@ def vllm_python():
 
     from sidevenv import side_venv
 
+    import hashlib
+    import tomllib
+    from pathlib import Path
+
     exe = side_venv("vllm", [VLLM_PIN], python=(3, 12))
-    probe = subprocess.run([str(exe), "-c", "import pluggy"], capture_output=True)
-    if probe.returncode != 0:  # loops_core's own small dependencies, once, into the cached venv
-        done = subprocess.run([str(exe), "-m", "pip", "install", "-q", *LOOPS_DEPS], capture_output=True, text=True)
+    # loops_core's own (pure-Python) dependencies, the ones vllm does not bring along, added to the
+    # cached venv once per dependency list (pip leaves the ones already satisfied alone).
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    marker = Path(exe).parent.parent / f".loops-deps-{hashlib.sha256(repr(sorted(deps)).encode()).hexdigest()[:12]}"
+    if not marker.exists():
+        done = subprocess.run([str(exe), "-m", "pip", "install", "-q", *deps], capture_output=True, text=True)
         if done.returncode != 0:
-            pytest.skip(f"could not add {LOOPS_DEPS} to the vllm side venv: {done.stderr[-300:]}")
+            pytest.skip(f"could not add loops' dependencies to the vllm side venv: {done.stderr[-300:]}")
+        marker.touch()
     return exe
 
 

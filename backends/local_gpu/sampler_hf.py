@@ -30,6 +30,8 @@ seeded requests run in batches of their own, which gives identical results on ev
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import warnings
 from collections import deque
@@ -58,6 +60,26 @@ def _resolve_model_path(base_model: str) -> str:
 
 def _adapter_name(version: int) -> str:
     return f"v{version}"
+
+
+def _cache_kwarg(decoder) -> str:
+    """The decoder's KV-cache keyword: ``cache`` in newer transformers (``past_key_values`` is
+    deprecated there), ``past_key_values`` before."""
+    return _cache_kwarg_of(type(decoder))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out, cache):
+    """The cache a decoder output carries (under either name), else the one passed in."""
+    for name in ("cache", "past_key_values"):
+        value = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
+        if value is not None:
+            return value
+    return cache
 
 
 def _check_targets(targets, prompt_len: int, vocab_size: int) -> None:
@@ -378,10 +400,10 @@ class HFSamplerEngine(SamplerEngine):
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 with self._lora.adapters(self._peft, names):
                     out = self._decoder(input_ids=step_ids, attention_mask=mask,
-                                        position_ids=next_pos[:, None], past_key_values=cache,
-                                        use_cache=True)
+                                        position_ids=next_pos[:, None], use_cache=True,
+                                        **{_cache_kwarg(self._decoder): cache})
                     logits = self._logits(out.last_hidden_state[:, -1, :])
-                cache = out.past_key_values if out.past_key_values is not None else cache
+                cache = _returned_cache(out, cache)
                 next_pos = next_pos + 1
                 self.steps_run += 1
             del cache
@@ -414,10 +436,10 @@ class HFSamplerEngine(SamplerEngine):
         cache = self._new_cache()
         with self._lora.adapters(self._peft, names):
             out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                past_key_values=cache, use_cache=True)
+                                use_cache=True, **{_cache_kwarg(self._decoder): cache})
             hidden = out.last_hidden_state
             last_logits = self._logits(hidden[:, -1, :])
-        cache = out.past_key_values if out.past_key_values is not None else cache
+        cache = _returned_cache(out, cache)
 
         for i, r in enumerate(rows):
             if r.want_prompt_lp:
