@@ -24,10 +24,17 @@ case "${1:-}" in
   --fetch-wheels)
     DIR=${2:?usage: --fetch-wheels DIR}
     mkdir -p "$DIR"
-    # The project's runtime dependencies that are pure Python (no torch/transformers/peft: present there).
-    python -m pip download -q -d "$DIR" --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-      "pydantic>=2.6" "httpx>=0.27" "sniffio>=1.3" "pluggy>=1.3" "safetensors>=0.4" "starlette>=0.37" \
-      "uvicorn>=0.29" "tqdm>=4.66" "pytest>=8" "pytest-timeout>=2.3"
+    cd "$(dirname "$0")/.."
+    # The project's runtime dependencies (all pure Python; torch/transformers/peft are there already)
+    # plus pytest, as wheels for the GPU machine's Python (PYVER, default 3.12).
+    mapfile -t DEPS < <(python - <<'EOF2'
+import tomllib
+p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(p["dependencies"] + ["pytest>=8", "pytest-timeout>=2.3"]))
+EOF2
+)
+    python -m pip download -q -d "$DIR" --only-binary=:all: --python-version "${PYVER:-3.12}" \
+      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 "${DEPS[@]}"
     echo "wheels in $DIR: carry them, then LOOPS_WHEELS=$DIR bash bench/gpu_check.sh"
     exit 0 ;;
   "") ;;
@@ -61,13 +68,19 @@ step() {
 }
 
 # ---- 0. environment: loops and its pure-Python dependencies, offline when wheels are carried ----
-if ! $PY -c "import loops_core, pydantic, httpx, starlette, uvicorn, pytest" 2>/dev/null; then
+if ! $PY -c "import loops_core, loops_backends.local_gpu, pytest" 2>/dev/null; then
   WHEELS=${LOOPS_WHEELS:-bench/wheels}
   if [ -d "$WHEELS" ]; then
-    $PY -m pip install -q --no-index --find-links "$WHEELS" pydantic httpx sniffio pluggy safetensors starlette \
-      uvicorn tqdm pytest pytest-timeout || STATUS=1
+    # By requirement, not by file: what the GPU machine already satisfies (numpy) is left alone.
+    mapfile -t DEPS < <($PY -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + ["pytest>=8", "pytest-timeout>=2.3"]))')
+    $PY -m pip install -q --no-index --find-links "$WHEELS" "${DEPS[@]}" || STATUS=1
   fi
-  $PY -m pip install -q --no-deps --no-build-isolation -e . || STATUS=1
+  if ! $PY -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null; then
+    # No build tooling there: the import names pyproject gives the folders, through a path shim.
+    SHIM="$OUT/shim"; mkdir -p "$SHIM"
+    ln -sfn "$PWD/backends" "$SHIM/loops_backends"; ln -sfn "$PWD/tinker_compat" "$SHIM/tinker"
+    export PYTHONPATH="$PWD:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+  fi
 fi
 $PY - <<'EOF' || { echo "torch / transformers / peft / loops do not import" >&2; exit 1; }
 import torch, transformers, peft, loops_core
