@@ -590,8 +590,9 @@ def test_forward_leaves_gradients_untouched(eng):
     fwd = eng.forward_backward(data[:2], "cross_entropy", config, backward=False)
     after = grads(eng)
     assert all(torch.equal(before[n], after[n]) for n in before)
+    # bf16: a different batch packs differently, and rounds differently.
     assert fwd.loss_fn_outputs[0]["logprobs"].tolist() == pytest.approx(
-        with_grad.loss_fn_outputs[0]["logprobs"].tolist(), nan_ok=True)
+        with_grad.loss_fn_outputs[0]["logprobs"].tolist(), rel=1e-6 if FP32 else CLOSE, nan_ok=True)
 
 
 def test_gradients_accumulate_across_calls(eng):
