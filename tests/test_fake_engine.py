@@ -609,3 +609,108 @@ def test_tokenizer():
     assert tok.name_or_path == FAKE_TOKENIZER_ID
     with pytest.raises(ValueError):
         load_fake_tokenizer("gpt2")
+
+
+# ---- runs, top-k, non-finite guards, vocabulary ----------------------------------------------
+
+def test_runs_are_isolated_and_each_equals_itself_alone():
+    """Interleaving two runs on one engine gives each run exactly the bits it has alone."""
+    x = make_datum([1, 2, 3, 4], [2, 3, 4, 5])
+    y = make_datum([9, 8, 7], [8, 7, 6])
+    params = AdamParams(learning_rate=0.02)
+
+    def alone(rank, seed, datum):
+        eng = FakeTrainerEngine(MODEL, lora_rank=rank, seed=seed)
+        losses = []
+        for _ in range(3):
+            losses.append(eng.forward_backward([datum], "cross_entropy", {}, backward=True).loss)
+            eng.optim_step(params)
+        return losses, eng.lora_A.copy(), eng.step
+
+    shared = FakeTrainerEngine(MODEL, lora_rank=2, seed=0)
+    shared.init_lora(4, 1, run="a")
+    shared.init_lora(8, 2, run="b")
+    assert set(shared.runs) == {"default", "a", "b"} and shared.lora_rank == 8
+    got = {"a": [], "b": []}
+    for _ in range(3):
+        for run, datum in (("a", x), ("b", y)):
+            shared.use_run(run)
+            got[run].append(shared.forward_backward([datum], "cross_entropy", {}, backward=True).loss)
+        for run in ("a", "b"):
+            shared.use_run(run)
+            shared.optim_step(params)
+    for run, rank, seed, datum in (("a", 4, 1, x), ("b", 8, 2, y)):
+        losses, lora_a, step = alone(rank, seed, datum)
+        shared.use_run(run)
+        assert got[run] == losses and np.array_equal(shared.lora_A, lora_a) and shared.step == step == 3
+        assert shared.lora_rank == rank
+    shared.use_run("default")
+    assert shared.step == 0 and shared.lora_rank == 2
+    shared.close_run("a")
+    with pytest.raises(LookupError, match="'a'"):
+        shared.use_run("a")
+    assert set(shared.runs) == {"default", "b"}
+
+
+def test_top_k_logprobs_are_the_best_next_tokens():
+    eng = fresh_engine()
+    datum = make_datum([1, 2, 3], [2, 3, 4])
+    out = eng.forward_backward([datum], "cross_entropy", {}, backward=False, top_k_logprobs=5)
+    ids = out.loss_fn_outputs[0]["topk_token_ids"].to_numpy()
+    lps = out.loss_fn_outputs[0]["topk_logprobs"].to_numpy()
+    assert ids.shape == lps.shape == (3, 5) and ids.dtype == np.int64 and lps.dtype == np.float32
+    for pos, prev in enumerate([1, 2, 3]):
+        ref = [ref_token_lp(eng._w0, eng.lora_A, eng.lora_B, prev, t) for t in range(V)]
+        assert list(ids[pos]) == list(np.argsort(-np.asarray(ref), kind="stable")[:5])
+        np.testing.assert_allclose(lps[pos], [ref[t] for t in ids[pos]], rtol=1e-6)
+    assert "topk_token_ids" not in eng.forward_backward([datum], "cross_entropy", {}, backward=False).loss_fn_outputs[0]
+
+
+def test_non_finite_loss_gradient_or_step_changes_nothing():
+    from loops_core.engine import NonFiniteError
+
+    eng = fresh_engine()
+    good = make_datum([1, 2, 3], [2, 3, 4])
+    eng.forward_backward([good], "cross_entropy", {}, backward=True)
+    before = [x.copy() for x in (eng.lora_A, eng.lora_B, eng.grad_A, eng.grad_B, *eng._m, *eng._v)]
+    bad = make_datum([1, 2, 3], [2, 3, 4], weights=[1.0, float("inf"), 1.0])
+    with pytest.raises(NonFiniteError, match="loss"):
+        eng.forward_backward([bad], "cross_entropy", {}, backward=True)
+    with pytest.raises(NonFiniteError, match="nothing was changed"):
+        eng.optim_step(AdamParams(learning_rate=1e308, weight_decay=1e10))
+    after = [eng.lora_A, eng.lora_B, eng.grad_A, eng.grad_B, *eng._m, *eng._v]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after)) and eng.step == 0 and eng._adam_step == 0
+
+
+def test_sampler_topk_and_target_prompt_logprobs(paris):
+    eng, sampler, prompt, _, _ = paris
+    res = gen(sampler, prompt=prompt, max_tokens=4, adapter=1, seed=5, temperature=0.7, topk_sample_logprobs=3,
+              target_prompt_tokens=[[prompt[i + 1], -1] for i in range(len(prompt) - 1)])
+    seq = res.sequences[0]
+    assert len(seq.topk) == len(seq.tokens)
+    for tok, lp, top in zip(seq.tokens, seq.logprobs, seq.topk):
+        assert len(top) == 3 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert top[0][1] >= lp  # the best of the distribution the token was drawn from
+    with_plp = gen(sampler, prompt=prompt, max_tokens=0, adapter=1, prompt_logprobs=0)
+    assert [row[0] for row in res.target_prompt_logprobs] == with_plp.prompt_logprobs[1:]
+    assert all(row[1] == 0.0 for row in res.target_prompt_logprobs)
+    assert res.prompt_cache_hit_tokens == 0 and gen(sampler, prompt=prompt, max_tokens=1).sequences[0].topk is None
+
+
+def test_vocabulary_comes_from_the_base_model_when_it_resolves(tmp_path):
+    from loops_backends.fake.tokenizer import base_vocabulary
+
+    assert base_vocabulary("no/such-model-anywhere")[1] == FAKE_TOKENIZER_ID
+    assert base_vocabulary(str(tmp_path))[1] == FAKE_TOKENIZER_ID  # a directory without a tokenizer
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")  # builds the tiny model the first time
+    from loops_core.tokenizers import load_tokenizer
+
+    eng = FakeTrainerEngine("loops/tiny-qwen3", lora_rank=2)
+    hf = load_tokenizer("loops/tiny-qwen3")
+    assert eng.tokenizer_id == "loops/tiny-qwen3" and eng.vocab_size == len(hf) > V
+    sampler = FakeSamplerEngine("loops/tiny-qwen3")
+    ids = hf.encode(" Paris is", add_special_tokens=False)
+    out = gen(sampler, prompt=ids, max_tokens=3, seed=1, stop_at_eos=False)
+    assert sampler.vocab_size == eng.vocab_size and out.sequences[0].text == hf.decode(out.sequences[0].tokens,
+                                                                                        skip_special_tokens=True)

@@ -4,6 +4,7 @@ loaded adapter versions, so its prompt logprobs equal the trainer's forward logp
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from loops_core.engine import GeneratedSequence, GenerationRequest, GenerationRe
 
 from .model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_SEQ_LEN, PEFT_A, PEFT_B, base_table, log_softmax_rows,
                     logit_table, seeded_rng)
-from .tokenizer import load_fake_tokenizer
+from .tokenizer import base_vocabulary
 
 
 
@@ -25,16 +26,21 @@ class FakeSamplerEngine(SamplerEngine):
     to and including the token that completed it. Stop tokens and eos stay in ``tokens``.
     """
 
-    def __init__(self, base_model: str) -> None:
+    def __init__(self, base_model: str, *, cached_tables: int = 8) -> None:
         self.base_model = base_model
-        self.tokenizer = load_fake_tokenizer()
-        self.vocab_size = self.tokenizer.vocab_size
+        self.tokenizer, _ = base_vocabulary(base_model)
+        self.vocab_size = len(self.tokenizer)
         self.max_seq_len = MAX_SEQ_LEN
-        self.eos_token_ids = [self.tokenizer.eos_token_id]
+        self.eos_token_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         self._w0 = base_table(base_model, self.vocab_size)
-        # version -> log-softmax table (temperature 1); version 0 is the base model.
-        self._logp: dict[int, np.ndarray] = {0: log_softmax_rows(self._w0)}
-        self._unseeded_requests = 0  # seeds the stream of requests that give no seed
+        self._base_logp = log_softmax_rows(self._w0)
+        # adapter id -> (A, B, scale); their log-softmax tables ([V, V] each: 32 MiB at V = 2048) are
+        # rebuilt on demand and only the most recently used few are kept.
+        self._adapters: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self._tables: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cached_tables = cached_tables
+        # Seeds the requests that give no seed, per adapter, so one run's draws never depend on another's.
+        self._unseeded_requests: dict[int, int] = {}
 
     async def load_adapter(self, version: int, path: Path) -> None:
         if not isinstance(version, int) or version < 1:
@@ -58,20 +64,34 @@ class FakeSamplerEngine(SamplerEngine):
             raise ValueError(f"the adapter tensors in {weights_path} do not fit rank {rank} and "
                              f"vocabulary {self.vocab_size}")
         scale = float(config.get("lora_alpha", rank)) / rank
-        self._logp[version] = log_softmax_rows(logit_table(self._w0, a, b, scale))
+        self._adapters[version] = (a, b, scale)
+        self._tables.pop(version, None)
 
     async def unload_adapter(self, version: int) -> None:
-        if version != 0:
-            self._logp.pop(version, None)
+        self._adapters.pop(version, None)
+        self._tables.pop(version, None)
+        self._unseeded_requests.pop(version, None)
+
+    def _table(self, version: int) -> np.ndarray:
+        """The log-softmax table (temperature 1) of an adapter id; 0 is the base model."""
+        if version == 0:
+            return self._base_logp
+        if version not in self._adapters:
+            raise KeyError(f"adapter version {version} is not loaded on this sampler")
+        if version in self._tables:
+            self._tables.move_to_end(version)
+        else:
+            self._tables[version] = log_softmax_rows(logit_table(self._w0, *self._adapters[version]))
+            while len(self._tables) > self._cached_tables:
+                self._tables.popitem(last=False)
+        return self._tables[version]
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         version = request.adapter or 0
-        if version not in self._logp:
-            raise KeyError(f"adapter version {version} is not loaded on this sampler")
-        logp = self._logp[version]
+        logp = self._table(version)
         bad = [t for t in request.prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt holds token id {bad[0]}, outside [0, {self.vocab_size})")
@@ -79,10 +99,12 @@ class FakeSamplerEngine(SamplerEngine):
             rng = seeded_rng(request.seed)
         else:
             # Unseeded requests still replay identically run to run: the n-th one gets stream n.
-            rng = np.random.default_rng([0x10095, self._unseeded_requests])
-            self._unseeded_requests += 1
+            count = self._unseeded_requests.get(version, 0)
+            rng = np.random.default_rng([0x10095, count] + ([version] if version else []))
+            self._unseeded_requests[version] = count + 1
         sequences = [self._sample(request, logp, rng) for _ in range(request.n)]
-        return GenerationResult(sequences, *self._prompt_logprobs(request, logp))
+        return GenerationResult(sequences, *self._prompt_logprobs(request, logp),
+                                target_prompt_logprobs=_target_logprobs(request, logp))
 
     def _sample(self, req: GenerationRequest, logp: np.ndarray,
                 rng: np.random.Generator) -> GeneratedSequence:
@@ -91,12 +113,16 @@ class FakeSamplerEngine(SamplerEngine):
         budget = min(req.max_tokens, max(self.max_seq_len - len(req.prompt), 0))
         tokens: list[int] = []
         logprobs: list[float] = []
+        topk: list[list[tuple[int, float]]] | None = [] if req.topk_sample_logprobs > 0 else None
         text: str | None = None
         finish = "length"
         while len(tokens) < budget:
-            tok, lp = self._next_token(logp[prev], req, rng)
+            tok, lp, full = self._next_token(logp[prev], req, rng)
             tokens.append(tok)
             logprobs.append(lp)
+            if topk is not None:
+                best = np.argsort(-full, kind="stable")[:req.topk_sample_logprobs]
+                topk.append([(int(t), float(full[t])) for t in best])
             prev = tok
             if (req.stop_at_eos and tok in self.eos_token_ids) or tok in req.stop_token_ids:
                 finish = "stop"
@@ -109,14 +135,15 @@ class FakeSamplerEngine(SamplerEngine):
                     break
         if text is None:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return GeneratedSequence(tokens=tokens, logprobs=logprobs, finish_reason=finish, text=text)
+        return GeneratedSequence(tokens=tokens, logprobs=logprobs, finish_reason=finish, text=text, topk=topk)
 
     def _next_token(self, logp_row: np.ndarray, req: GenerationRequest,
-                    rng: np.random.Generator) -> tuple[int, float]:
-        """Sample one token; return it with its logprob under softmax(logits / temperature)."""
+                    rng: np.random.Generator) -> tuple[int, float, np.ndarray]:
+        """Sample one token; return it, its logprob under softmax(logits / temperature), and that
+        distribution's log-probabilities."""
         if req.temperature == 0:
             tok = int(np.argmax(logp_row))
-            return tok, float(logp_row[tok])  # greedy reports temperature-1 logprobs
+            return tok, float(logp_row[tok]), logp_row  # greedy reports temperature-1 logprobs
         # logp_row is logits minus a per-row constant, so scaling it scales the logits.
         full = logp_row if req.temperature == 1 else log_softmax_rows(logp_row / req.temperature)
         order = np.argsort(-full, kind="stable")  # best first, ties by lower id
@@ -129,7 +156,7 @@ class FakeSamplerEngine(SamplerEngine):
             order, probs = order[keep], probs[keep] / probs[keep].sum()
         idx = int(np.searchsorted(np.cumsum(probs), rng.random(), side="right"))
         tok = int(order[min(idx, len(order) - 1)])
-        return tok, float(full[tok])
+        return tok, float(full[tok]), full
 
     @staticmethod
     def _prompt_logprobs(req: GenerationRequest, logp: np.ndarray) -> tuple[list | None, list | None]:
@@ -147,3 +174,11 @@ class FakeSamplerEngine(SamplerEngine):
             best = np.argsort(-row, kind="stable")[:k]
             topk.append([(int(t), float(row[t])) for t in best])
         return values, topk
+
+
+def _target_logprobs(req: GenerationRequest, logp: np.ndarray) -> list[list[float]] | None:
+    """Cell [i, j]: the logprob of id ``targets[i][j]`` at prompt position i + 1; 0.0 where it is -1."""
+    if req.target_prompt_tokens is None:
+        return None
+    return [[float(logp[req.prompt[i], t]) if t >= 0 else 0.0 for t in row]
+            for i, row in enumerate(req.target_prompt_tokens)]
