@@ -64,11 +64,12 @@ def with_run(endpoint: Endpoint, run_id: str) -> Endpoint:
 
 
 async def create_run(wire: WireClient, trainer: Endpoint, sampler: Endpoint | None, base_model: str, *, rank: int,
-                     seed: int | None) -> TrainerHandle:
-    """A new run on a running trainer (a 400 if it serves another base model, a 503 at its run cap)."""
+                     seed: int | None, run_id: str | None = None) -> TrainerHandle:
+    """A new run on a running trainer (a 400 if it serves another base model, a 503 at its run cap);
+    ``run_id`` chooses its id (else the trainer does)."""
+    body = {"base_model": base_model, "lora_rank": rank, "seed": seed, **({"run_id": run_id} if run_id else {})}
     try:
-        r = await wire.request("POST", "/runs", what="create run", retry=False,
-                               json={"base_model": base_model, "lora_rank": rank, "seed": seed})
+        r = await wire.request("POST", "/runs", what="create run", retry=False, json=body)
     except NotFoundError:  # a trainer from before runs: its one run
         info = await wire.get_json("/get_info", what="get_info")
         return TrainerHandle(trainer=trainer, sampler=sampler, base_model=base_model,
