@@ -407,3 +407,29 @@ def test_two_service_clients_on_one_loops_serve_do_not_reset_each_other(served):
         b.create_lora_training_client("other/model", rank=4)
     a.close()
     b.close()
+
+
+def test_top_k_logprobs_and_sampler_extras_over_http():
+    trainer, sampler = fake_pair("m", rank=4)
+    prompt = list(b"abcd")
+
+    async def main():
+        async with _client(trainer.app) as t, _client(sampler.app) as s:
+            datum = sft_datum(prompt[:2], prompt[2:]).model_dump(mode="json")
+            out = await _done(t, await t.post("/forward", json={"data": [datum], "top_k_logprobs": 3}))
+            top = out["result"]["loss_fn_outputs"][0]
+            assert top["topk_token_ids"]["shape"] == [3, 3] and top["topk_logprobs"]["dtype"] == "float32"
+            bad = await t.post("/forward", json={"data": [datum], "top_k_logprobs": 21})
+            assert bad.status_code == 400 and bad.json()["error"]["field"] == "top_k_logprobs"
+            targets = {"data": [prompt[1], -1, prompt[2], -1, prompt[3], -1], "dtype": "int64", "shape": [3, 2]}
+            r = (await s.post("/sample", json={"prompt": prompt, "max_tokens": 2, "seed": 0, "prompt_logprobs": 0,
+                                               "topk_sample_logprobs": 2, "target_prompt_logprobs": targets})).json()
+            assert [row[0] for row in r["target_prompt_logprobs"]] == \
+                [r["prompt_logprobs"][i][str(prompt[i])]["logprob"] for i in (1, 2, 3)]
+            assert all(row[1] == 0.0 for row in r["target_prompt_logprobs"]) and r["prompt_cache_hit_tokens"] == 0
+            seq_top = r["choices"][0]["logprobs"]["topk_logprobs"]
+            assert len(seq_top) == 2 and all(len(pos) == 2 and len(pos[0]) == 2 for pos in seq_top)
+            bad = await s.post("/sample", json={"prompt": prompt, "target_prompt_logprobs": [[1]]})
+            assert bad.status_code == 400 and bad.json()["error"]["field"] == "target_prompt_logprobs"
+
+    asyncio.run(main())
