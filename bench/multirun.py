@@ -45,9 +45,11 @@ def train(clients: list, args: argparse.Namespace, steps: int) -> float:
 
     adam = AdamParams(learning_rate=1e-4)
 
+    vocab = min(len(clients[0].get_tokenizer()), 2048)  # before the threads: transformers' lazy imports race
+
     def one(i_tc) -> None:
         i, tc = i_tc
-        data = batch_of(args.batch, args.seq, min(len(tc.get_tokenizer()), 2048), i)
+        data = batch_of(args.batch, args.seq, vocab, i)
         for _ in range(steps):
             fb, opt = tc.forward_backward(data), tc.optim_step(adam)
             fb.result()

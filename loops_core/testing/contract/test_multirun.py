@@ -46,7 +46,8 @@ def test_concurrent_runs_each_equal_the_run_alone(service, contract_model, tc, n
                                 specs))
         try:
             assert len({c.run_id for c in clients}) == n_runs
-            together = list(pool.map(lambda ic: _curve(ic[1], _datum(ic[1], ic[0])), enumerate(clients)))
+            data = [_datum(c, i) for i, c in enumerate(clients)]  # tokenizers load outside the threads
+            together = list(pool.map(lambda i: _curve(clients[i], data[i]), range(n_runs)))
             infos = [c.get_info() for c in clients]
         finally:
             for c in clients:
