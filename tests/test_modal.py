@@ -161,7 +161,7 @@ def test_container_entrypoints_run_through_modal_local(monkeypatch, tmp_path):
             sc = tc.save_weights_and_get_sampling_client("local-path").result(timeout=60)
             out = sc.sample(ModelInput.from_ints([1, 2, 3]), 1, SamplingParams(max_tokens=3, seed=0))
             assert out.policy_version == 1 and len(out.sequences[0].tokens) == 3
-        assert (tmp_path / "modal-local-volume" / "runs" / "run-local" / "sampler_weights" / "local-path").is_dir()
+        assert (tmp_path / "modal-local-volume" / "runs" / tc.run_id / "sampler_weights" / "local-path").is_dir()
     finally:
         trainer.stop()
         sampler.stop()
