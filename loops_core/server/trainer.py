@@ -208,9 +208,9 @@ class TrainerServer:
         del self.runs[run_id]
 
     async def _list_runs(self, request: Request) -> Response:
-        return JSONResponse({"runs": [{"run_id": r.id, "lora_rank": r.lora_rank, "step": r.step,
-                                       "policy_version": r.policy_version, "queue_depth": r.depth,
-                                       "default": r.id == self.run_id} for r in self.runs.values()]})
+        runs = [{"run_id": r.id, "lora_rank": r.lora_rank, "step": r.step, "policy_version": r.policy_version,
+                 "queue_depth": r.depth, "default": r.id == self.run_id} for r in self.runs.values()]
+        return JSONResponse({"many_runs": self.engine.holds_many_runs(), "runs": runs})
 
     # ---- plumbing -------------------------------------------------------------------------
     async def _call(self, current: Run | None, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:

@@ -93,6 +93,26 @@ def test_versions_pins_and_checkpoints_are_per_run(service, contract_model):
         b.close()
 
 
+def test_training_clients_on_one_base_model_share_a_trainer(service, contract_model, tc):
+    """Another client on the same base model is another run on the same trainer (unless that
+    trainer's engine holds one run: then it must be a trainer of its own)."""
+    from loops_core.futures import run_sync
+
+    other = service.create_lora_training_client(contract_model, rank=4, seed=9)
+    probe = WireClient(tc._endpoint, timeout=30.0, ready_timeout=30.0)
+    try:
+        listing = run_sync(probe.get_json("/runs", what="runs"))
+        listed = {r["run_id"] for r in listing["runs"]}
+        assert tc.run_id in listed
+        if listing["many_runs"]:
+            assert other.run_id in listed
+        else:
+            assert other.run_id not in listed and other._endpoint.url != tc._endpoint.url
+    finally:
+        run_sync(probe.aclose())
+        other.close()
+
+
 def test_closing_a_run_frees_it_and_leaves_the_others(service, contract_model):
     a = service.create_lora_training_client(contract_model, rank=4, seed=5)
     b = service.create_lora_training_client(contract_model, rank=4, seed=6)
