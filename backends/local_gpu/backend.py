@@ -120,6 +120,7 @@ class LocalBackend(LocalCheckpoints, Backend):
         super().__init__(config)
         self.processes: list[ServerProcess] = []
         self.pairs: dict[str, tuple[Endpoint, Endpoint]] = {}  # base model -> (trainer, sampler), shared
+        self.run_trainers: dict[str, Endpoint] = {}  # run id -> the trainer holding it
         self._pair_lock: asyncio.Lock | None = None
         self.sampler_engine = config.options.get("sampler_engine") or os.environ.get("LOOPS_SAMPLER_ENGINE") or "auto"
         self.engine = config.options.get("engine", "local")
@@ -151,9 +152,11 @@ class LocalBackend(LocalCheckpoints, Backend):
                        seed: int | None) -> TrainerHandle:
         wire = WireClient(trainer, timeout=60.0, ready_timeout=60.0)
         try:
-            return await create_run(wire, trainer, sampler, base_model, rank=rank, seed=seed, run_id=run_id)
+            handle = await create_run(wire, trainer, sampler, base_model, rank=rank, seed=seed, run_id=run_id)
         finally:
             await wire.aclose()
+        self.run_trainers[handle.run_id] = trainer
+        return handle
 
     async def _start_pair(self, base_model: str, run_id: str, rank: int, seed: int | None,
                           ready_timeout: float) -> tuple[Endpoint, Endpoint]:
@@ -172,14 +175,16 @@ class LocalBackend(LocalCheckpoints, Backend):
         return Endpoint(url=trainer_url), Endpoint(url=sampler_url)
 
     async def release_trainer(self, run_id: str) -> None:
-        for trainer, _ in self.pairs.values():
-            wire = WireClient(trainer, timeout=30.0, ready_timeout=30.0)
-            try:
-                await close_run(wire, run_id)  # a run unknown to this trainer is ignored
-            except (APIConnectionError, ServerShutdownError):
-                pass  # the trainer is gone: nothing left to free
-            finally:
-                await wire.aclose()
+        trainer = self.run_trainers.pop(run_id, None)
+        if trainer is None:
+            return
+        wire = WireClient(trainer, timeout=30.0, ready_timeout=30.0)
+        try:
+            await close_run(wire, run_id)
+        except (APIConnectionError, ServerShutdownError):
+            pass  # the trainer is gone: nothing left to free
+        finally:
+            await wire.aclose()
 
     async def create_sampler(self, base_model: str | None, *, ready_timeout: float,
                              model_path: str | None = None) -> SamplerHandle:
@@ -204,5 +209,6 @@ class LocalBackend(LocalCheckpoints, Backend):
 
     async def aclose(self) -> None:
         self.pairs.clear()
+        self.run_trainers.clear()
         procs, self.processes = self.processes, []
         await asyncio.gather(*(asyncio.to_thread(p.stop) for p in procs))
