@@ -5,7 +5,7 @@ weights just trained. The backend is chosen by ``LOOPS_BACKEND`` (fake, local, m
 Importing this package never imports torch, transformers, peft, vllm or modal.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .errors import *  # noqa: E402,F401,F403
 from .errors import __all__ as _errors

@@ -22,6 +22,7 @@ from .wire import Endpoint
 # Capabilities a backend may declare; the contract suite skips what a backend does not declare.
 CAPABILITIES = {
     "checkpoints",          # save_state / load_state / list_checkpoints / archive URLs
+    "checkpoint_delete",    # ServiceClient.delete_checkpoint
     "sampler_pinning",      # a pinned SamplingClient keeps its exact version after newer publications
     "standalone_sampler",   # ServiceClient.create_sampling_client provisions a base-model sampler
     "deterministic",        # the same seeds give the same bits
@@ -90,6 +91,9 @@ class Backend(abc.ABC):
                                          page_token: int = 0) -> CheckpointFilesResponse:
         raise NotImplementedError(f"the {self.name!r} backend does not serve checkpoint files")
 
+    async def delete_checkpoint(self, checkpoint_id: str) -> None:
+        raise NotImplementedError(f"the {self.name!r} backend does not delete checkpoints")
+
     async def list_checkpoint_files(self, checkpoint_id: str, page_size: int = 1000) -> list[CheckpointFile]:
         """Every file of a checkpoint: all pages of ``get_checkpoint_archive_url``."""
         files: list[CheckpointFile] = []
@@ -140,6 +144,11 @@ class LocalCheckpoints:
         from .checkpoints import CheckpointStore
 
         return CheckpointStore().files(checkpoint_id, page_size, page_token)
+
+    async def delete_checkpoint(self, checkpoint_id: str) -> None:
+        from .checkpoints import CheckpointStore
+
+        CheckpointStore().delete(checkpoint_id)
 
 
 def check_rank(rank: Any) -> int:

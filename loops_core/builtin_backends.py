@@ -1,4 +1,4 @@
-"""The built-in backends, registered through the same hook as third-party ones."""
+"""The built-in backends and their tokenizers, registered through the same hooks as third-party ones."""
 
 from .hookspecs import hookimpl
 
@@ -14,3 +14,15 @@ def register_backends(register):  # type: ignore[no-untyped-def]
              description="the local servers in Modal GPU containers")
     register("baseten", "loops_backends.baseten.backend:BasetenBackend",
              description="the Baseten Loops control plane")
+
+
+@hookimpl
+def register_tokenizers(register):  # type: ignore[no-untyped-def]
+    register("loops/fake", "loops_backends.fake.tokenizer:load_fake_tokenizer")
+    register("loops/tiny-qwen3", "loops_backends.local_gpu.tiny_model:resolve_model_path")
+
+
+@hookimpl
+def register_engines(register):  # type: ignore[no-untyped-def]
+    register("fake", "loops_backends.engines:fake_trainer", "loops_backends.engines:fake_sampler")
+    register("local", "loops_backends.engines:torch_trainer", "loops_backends.engines:torch_sampler")

@@ -4,6 +4,7 @@
 
     loops backends                               every backend and whether its extra is installed
     loops serve --model M [--engine fake|local]  a paired trainer + sampler in the foreground
+    loops serve --api tinker [--engine fake|local] [--model M] [--port N]   Tinker's HTTP API, for the tinker SDK
     loops serve-trainer / serve-sampler ...      one server (the local backend starts these)
     loops emulate baseten [--port N] [--engine fake|local]   the Baseten control-plane emulator
 """
@@ -20,6 +21,13 @@ import httpx
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument("--api", default="loops")
+    if argv[:1] == ["serve"] and api.parse_known_args(argv[1:])[0].api == "tinker":  # its own options
+        from .tinker_api.cli import main as serve_tinker_api
+
+        return serve_tinker_api(argv[1:])
     parser = argparse.ArgumentParser(prog="loops", description="loops: LoRA post-training on pluggable backends")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -27,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="run a paired trainer and sampler in the foreground")
     _server_args(serve)
+    serve.add_argument("--api", choices=["loops", "tinker"], default="loops",
+                       help="loops: the trainer/sampler pair; tinker: Tinker's HTTP API on one port "
+                            "(see `loops serve --api tinker --help`)")
     serve.add_argument("--trainer-port", type=int, default=8000)
     serve.add_argument("--sampler-port", type=int, default=8001)
 
@@ -50,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    from loops_backends.baseten.emulator import cli_main
+    import importlib
 
-    return cli_main(args.rest)
+    # The emulator belongs to the baseten backend; loops_core names it without importing it.
+    return importlib.import_module("loops_backends.baseten.emulator").cli_main(args.rest)
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +85,7 @@ def _backends(args: argparse.Namespace) -> int:
     rows = []
     for name, info in sorted(collect_backends().items()):
         ok = info.installed
-        status = "installed" if ok else f"missing {', '.join(info.missing)} (pip install 'loops[{info.extra}]')"
+        status = "installed" if ok else f"missing {', '.join(info.missing)} (pip install -e '.[{info.extra}]' in your loops checkout)"
         mark = "*" if name == selected else " "
         rows.append(f"{mark} {name:<9} {status:<52} {info.description}")
     print("Backends (* = selected by LOOPS_BACKEND, default local):")
@@ -82,17 +94,11 @@ def _backends(args: argparse.Namespace) -> int:
 
 
 def _engines(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(make_trainer_engine, make_sampler_engine) for --engine."""
-    if args.engine == "fake":
-        from loops_backends.fake.engine import FakeSamplerEngine, FakeTrainerEngine
+    """(make_trainer_engine, make_sampler_engine) for the server options."""
+    from .assembly import EngineConfig, make_engines
 
-        return (lambda: FakeTrainerEngine(args.model, lora_rank=args.rank, seed=args.seed),
-                lambda: FakeSamplerEngine(args.model))
-    from loops_backends.local_gpu.samplers import make_sampler_engine
-    from loops_backends.local_gpu.trainer import TorchTrainerEngine
-
-    return (lambda: TorchTrainerEngine(args.model, lora_rank=args.rank, seed=args.seed),
-            lambda: make_sampler_engine(args.model, engine=args.sampler_engine))
+    return make_engines(EngineConfig(model=args.model, engine=args.engine, sampler_engine=args.sampler_engine,
+                                     rank=args.rank, seed=args.seed))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -10,8 +10,9 @@
     ├── InvalidRequestError           bad input, found on the client or answered 4xx by a server;
     │                                 also a ValueError. ``field`` names the offending field.
     ├── APIError                      the transport or the server failed
-    │   ├── APIConnectionError        the server could not be reached
-    │   │   └── APITimeoutError       a request took longer than its timeout
+    │   ├── APIConnectionError        the server could not be reached (within the data-plane budget)
+    │   │   ├── APITimeoutError       a request took longer than its timeout
+    │   │   └── ServerRestartedError  the server restarted: its operations and adapters are gone
     │   ├── APIStatusError            an unexpected HTTP status (``status_code``, ``body``)
     │   │   └── NotFoundError         404 on a resource (a checkpoint, a run)
     │   ├── ServerShutdownError       503: the server is shutting down; retry elsewhere
@@ -20,6 +21,7 @@
     │   └── UnknownRequestError       404 on an operation id: resubmit (idempotency keys dedupe)
     ├── RemoteOpError                 the server ran the operation and it failed (``error_class``)
     ├── SamplerVersionError           the sampler never reached the published version
+    ├── ClientClosedError             the client, or the ServiceClient it came from, was closed
     └── FutureTimeoutError            ``.result(timeout)`` expired; also a TimeoutError. The future is
                                       not spoiled: a later ``.result()`` still returns the value.
 
@@ -40,11 +42,12 @@ class ConfigurationError(LoopsError):
 
 
 class BackendNotFoundError(ConfigurationError, KeyError):
-    def __init__(self, name: str, available: list[str]):
+    def __init__(self, name: str, available: list[str], not_installed: dict[str, str] | None = None):
         self.name = name
         self.available = available
+        missing = "".join(f"; {n} needs: pip install -e '.[{extra}]'" for n, extra in sorted((not_installed or {}).items()))
         super().__init__(
-            f"Unknown loops backend {name!r}. Installed backends: {', '.join(available) or '(none)'}. "
+            f"Unknown loops backend {name!r}. Installed backends: {', '.join(available) or '(none)'}{missing}. "
             "Set LOOPS_BACKEND or pass backend= to one of these."
         )
 
@@ -56,7 +59,8 @@ class BackendUnavailableError(ConfigurationError, ImportError):
     def __init__(self, name: str, extra: str | None, cause: BaseException | None = None):
         self.name = name
         self.extra = extra
-        hint = f" Install it with: pip install 'loops[{extra}]'" if extra else ""
+        # "loops" on PyPI is another project: the extra installs from a checkout of this one.
+        hint = f" Install its extra from your loops checkout: pip install -e '.[{extra}]'" if extra else ""
         detail = f" ({cause})" if cause else ""
         super().__init__(f"The {name!r} backend cannot be loaded{detail}.{hint}")
 
@@ -86,6 +90,11 @@ class APITimeoutError(APIConnectionError):
     pass
 
 
+class ServerRestartedError(APIConnectionError):
+    """The server's incarnation changed: it restarted, so queued operations and unsaved adapter
+    state are gone. Reload a checkpoint (``load_state_with_optimizer``) and resubmit."""
+
+
 class APIStatusError(APIError):
     def __init__(self, message: str, *, status_code: int, body: Any = None):
         self.status_code = status_code
@@ -99,6 +108,8 @@ class NotFoundError(APIStatusError):
 
 class ServerShutdownError(APIError):
     """The server answered 503: it is shutting down. Retry against another replica."""
+
+    status_code = 503
 
 
 class DeploymentFailedError(APIError):
@@ -136,14 +147,18 @@ class SamplerVersionError(LoopsError, RuntimeError):
     pass
 
 
+class ClientClosedError(LoopsError, RuntimeError):
+    """The client (or the ServiceClient it came from) was closed; nothing was sent."""
+
+
 class FutureTimeoutError(LoopsError, TimeoutError):
     """``.result(timeout)`` expired before the operation finished. The future stays usable."""
 
 
 __all__ = [
     "APIConnectionError", "APIError", "APIStatusError", "APITimeoutError", "AuthenticationError",
-    "BackendNotFoundError", "BackendUnavailableError", "ConfigurationError", "DeploymentFailedError",
+    "BackendNotFoundError", "BackendUnavailableError", "ClientClosedError", "ConfigurationError", "DeploymentFailedError",
     "FutureTimeoutError",
     "InvalidRequestError", "LoopsError", "NotFoundError", "RemoteOpError", "SamplerVersionError",
-    "ServerShutdownError", "UnknownRequestError",
+    "ServerRestartedError", "ServerShutdownError", "UnknownRequestError",
 ]

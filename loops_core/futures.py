@@ -9,6 +9,10 @@ same coroutine from the caller's loop. An ``APIFuture`` wraps a ``concurrent.fut
   later ``.result()`` still returns the value;
 * ``await future`` / ``await future.result_async(timeout)`` work from any event loop;
 * ``future.future()`` is the ``concurrent.futures.Future``; ``future.coroutine()`` a coroutine.
+
+Client methods are written once, as ``async def``, under ``@twin``: the decorator makes the blocking
+method and its ``*_async`` form from that one definition (same signature, defaults and docstring),
+so the two can never drift apart.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
 import os
 import threading
-from typing import Any, Coroutine, Generator, Generic, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Generator, Generic, TypeVar
 
 from .errors import FutureTimeoutError
 
@@ -100,7 +105,7 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     return submit(coro).result(timeout)
 
 
-class APIFuture(Generic[T]):
+class OperationFuture(Generic[T]):
     """The result of a long-running call: ``.result(timeout=None)``, ``await``, ``.done()``."""
 
     def __init__(self, inner: concurrent.futures.Future[T], *, operation_id: str | None = None):
@@ -108,7 +113,7 @@ class APIFuture(Generic[T]):
         self.operation_id = operation_id
 
     @classmethod
-    def from_coroutine(cls, coro: Coroutine[Any, Any, T], *, operation_id: str | None = None) -> "APIFuture[T]":
+    def from_coroutine(cls, coro: Coroutine[Any, Any, T], *, operation_id: str | None = None) -> "OperationFuture[T]":
         return cls(submit(coro), operation_id=operation_id)
 
     def result(self, timeout: float | None = None) -> T:
@@ -118,7 +123,7 @@ class APIFuture(Generic[T]):
         operation keeps running, so the future can be waited on again.
         """
         if _on_background_loop():
-            raise RuntimeError("APIFuture.result() was called on the SDK's event loop; use `await future`")
+            raise RuntimeError("OperationFuture.result() was called on the SDK's event loop; use `await future`")
         try:
             return self._inner.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -152,7 +157,11 @@ class APIFuture(Generic[T]):
         return f"<{type(self).__name__} {self.operation_id or ''} {state}>"
 
 
-class ForwardBackwardFuture(APIFuture[T]):
+# Tinker's name for the same thing.
+APIFuture = OperationFuture
+
+
+class ForwardBackwardFuture(OperationFuture[T]):
     """The future returned by ``forward`` and ``forward_backward``."""
 
 
@@ -161,6 +170,34 @@ async def on_loop(coro: Coroutine[Any, Any, T]) -> T:
     if _on_background_loop():
         return await coro
     return await asyncio.wrap_future(submit(coro))
+
+
+class twin:
+    """Decorator: one ``async def`` client method becomes ``name`` (blocks the caller's thread) and
+    ``name_async`` (awaitable from any event loop), both running the body on the SDK's loop.
+
+    The two are made from the one definition with ``functools.wraps``: signatures, defaults,
+    annotations and docstrings are identical by construction.
+    """
+
+    def __init__(self, fn: Callable[..., Awaitable[Any]]):
+        self.fn = fn
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        fn = self.fn
+
+        @functools.wraps(fn)
+        def blocking(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return run_sync(fn(self, *args, **kwargs))
+
+        @functools.wraps(fn)
+        async def awaitable(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return await on_loop(fn(self, *args, **kwargs))
+
+        awaitable.__name__ = f"{name}_async"
+        awaitable.__qualname__ = f"{owner.__qualname__}.{name}_async"
+        setattr(owner, name, blocking)
+        setattr(owner, f"{name}_async", awaitable)
 
 
 class ClientLifecycle:

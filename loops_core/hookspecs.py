@@ -30,3 +30,25 @@ def register_backends(register):  # type: ignore[no-untyped-def]
     Called once when the plugin manager is built; not firstresult (every plugin registers). Hooks do
     no I/O.
     """
+
+
+@hookspec
+def register_tokenizers(register):  # type: ignore[no-untyped-def]
+    """Register tokenizer loaders by calling ``register(prefix, target)``.
+
+    :param register: callback; a tokenizer id starting with ``prefix`` is loaded by ``target`` (a
+        callable or a lazy ``"module:attr"`` string) called with the id. It returns a tokenizer, or a
+        path that ``transformers.AutoTokenizer.from_pretrained`` loads. Ids no plugin claims go to
+        ``AutoTokenizer`` as they are (a hub id or a local directory).
+    """
+
+
+@hookspec
+def register_engines(register):  # type: ignore[no-untyped-def]
+    """Register engine families by calling ``register(name, trainer, sampler, *, extra=None)``.
+
+    :param register: callback; ``trainer`` and ``sampler`` are factories (callables or lazy
+        ``"module:attr"`` strings) called with one ``loops_core.assembly.EngineConfig`` and returning
+        a ``TrainerEngine`` / ``SamplerEngine``. ``loops serve --engine NAME`` and every backend that
+        runs loops' servers build their engines through these.
+    """

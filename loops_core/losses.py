@@ -17,13 +17,18 @@ cross_entropy        sum_t -w_t * lp_t   (``weights`` default 1; signed       --
 importance_sampling  sum_t -r_t * A_t                                       --
 ppo                  sum_t -min(r_t A_t, clip(r_t, lo, hi) A_t)             clip_low_threshold 0.8,
                                                                             clip_high_threshold 1.2
-cispo                sum_t -sg(clip(r_t, lo, hi)) * A_t * lp_t              clip_low_threshold 0.0,
-                                                                            clip_high_threshold 4.0
+cispo                sum_t -sg(clip(r_t, lo, hi)) * A_t * lp_t              clip_low_threshold 0.8,
+                                                                            clip_high_threshold 1.2
 dro                  sum_t -(A_t * lp_t - beta/2 * (lp_t - q_t)^2)          beta 0.05
 dpo                  datums are pairs (chosen at even, rejected at odd      beta 0.1,
                      index). s = sum_t w_t lp_t, s_ref = sum_t w_t ref_t;   label_smoothing 0.0
                      m = beta*((s_c - s_c,ref) - (s_r - s_r,ref));
                      loss = sum_pairs -(1-ls) log sig(m) - ls log sig(-m)
+dppo                 d_t = exp(lp_t) - exp(q_t); M_t = 1 where the token    dppo_mask_high 0.2,
+                     left the trust region in its advantage's direction:    dppo_mask_low 0.2,
+                     d_t > mask_high if A_t > 0, else d_t < -mask_low;      adv_tau 1.0,
+                     sum_t -(1 - M_t) adv_tau A_t r_t                       kl_tau 1e-3
+                           + kl_tau (lp_t - q_t)^2
 gspo                 per datum, M_t = sequence_ratio_mask_t (default 1)     clip_low_threshold
                      on active positions, n = sum_t M_t,                    0.9997,
                      s = exp(sum_t M_t (lp_t - q_t) / n) (geometric mean    clip_high_threshold
@@ -36,11 +41,25 @@ stable_reinforce     sum_t w_t S_t (-sg(r_t) A_t lp_t                       kl_c
                      datum needs provenance spans (with_provenance)
 ==================== ====================================================== ====================
 
-For importance_sampling, ppo, cispo, dro, gspo and stable_reinforce an optional ``weights`` input
+For importance_sampling, ppo, cispo, dro, dppo, gspo and stable_reinforce an optional ``weights`` input
 multiplies each position's term (default 1). ``dro`` follows the quadratic-penalty form of Tinker's
 docs; the exact published definition is not available offline, so treat it as this project's
 definition. Per-token ``clip_low_threshold`` /
 ``clip_high_threshold`` inputs, when given, override the config for ppo and cispo.
+
+``cispo``'s defaults are the published baseten-loops client's documented ones (0.8 / 1.2, as for
+ppo). Tinker documents 0.0 / 4.0 for its cispo; a Tinker script that relies on those passes them
+in ``loss_fn_config``.
+
+``dppo`` is Divergence PPO (the "Binary-TV" trust region of "Rethinking the Trust Region in LLM
+Reinforcement Learning", arXiv:2602.04879). The published client documents only its config names
+and defaults (``dppo_mask_high=0.2, dppo_mask_low=0.2, adv_tau=1.0, kl_tau=1e-3``); the formula
+above is the one those four names have in prime-rl's default RL loss, which is assumed to be what
+Baseten's trainer computes: instead of clipping the ratio, a token whose *probability* moved more
+than the mask bound (up for a positive advantage, down for a negative one) is dropped from the
+policy-gradient term, whose gradient is ``-adv_tau A_t r_t`` (through ``r_t``); every active token
+also pays ``kl_tau (lp_t - q_t)^2``. ``M_t`` is a constant (no gradient). With ``A_t = 0`` the
+"down" test decides ``M_t``, which only affects the metric.
 
 ``gspo`` is Group Sequence Policy Optimization (Zheng et al., 2025, arXiv:2507.18071): PPO's
 clipped objective with one importance ratio per sequence, the length-normalised (geometric mean)
@@ -64,6 +83,7 @@ Metrics: ``loss:sum``, ``num_tokens:sum`` (active target entries: positions, or 
 for [T, K] targets); ppo and cispo add ``clip_fraction:mean`` (share of active tokens with
 r < lo or r > hi); importance_sampling/ppo/cispo/dro add ``ratio:mean`` (mean r over active
 tokens); dpo adds ``accuracy:mean`` (share of pairs with m > 0) and ``margin:mean`` (mean m);
+dppo adds ``ratio:mean`` and ``mask_fraction:mean`` (share of active tokens with M_t = 1);
 gspo adds ``ratio:mean`` (mean s over datums with n > 0) and ``clip_fraction:mean`` (share of those
 datums with s < lo or s > hi); stable_reinforce adds ``ratio:mean`` and ``sampler_kl:mean`` (means
 of r and of r - 1 - log r over active sampled positions).
@@ -102,10 +122,12 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("ppo", _RL_INPUTS, ("weights", *_CLIP_INPUTS),
                  {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
         LossSpec("cispo", _RL_INPUTS, ("weights", *_CLIP_INPUTS),
-                 {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
+                 {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
         LossSpec("dro", _RL_INPUTS, ("weights",), {"beta": 0.05}),
         LossSpec("dpo", ("target_tokens", "ref_logprobs"), ("weights",),
                  {"beta": 0.1, "label_smoothing": 0.0}, paired=True),
+        LossSpec("dppo", _RL_INPUTS, ("weights",),
+                 {"dppo_mask_high": 0.2, "dppo_mask_low": 0.2, "adv_tau": 1.0, "kl_tau": 1e-3}),
         LossSpec("gspo", _RL_INPUTS, ("weights", "sequence_ratio_mask"),
                  {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4}),
         LossSpec("stable_reinforce", _RL_INPUTS, ("weights",), {"kl_coeff": 0.01}, needs_provenance=True),

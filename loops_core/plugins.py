@@ -118,5 +118,7 @@ def load_backend(name: str | None = None, pm: pluggy.PluginManager | None = None
     name = resolve_backend_name(name)
     backends = collect_backends(pm)
     if name not in backends:
-        raise BackendNotFoundError(name, sorted(backends))
+        installed = sorted(n for n, info in backends.items() if info.installed)
+        raise BackendNotFoundError(name, installed, {n: info.extra or n for n, info in backends.items()
+                                                     if n not in installed})
     return backends[name].load()

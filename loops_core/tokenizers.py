@@ -1,30 +1,45 @@
 """Loading the tokenizer a server names in ``get_info().model_data.tokenizer_id``.
 
-``loops/fake-...`` ids load the fake backend's byte tokenizer; ``loops/tiny-qwen3`` the built-in
-tiny model's; anything else goes to ``transformers.AutoTokenizer.from_pretrained`` (a hub id or a
-local directory). Loaded tokenizers are cached.
+Backends register loaders for their own ids through the ``register_tokenizers`` hook (the fake
+byte tokenizer, the built-in tiny model); any other id goes to
+``transformers.AutoTokenizer.from_pretrained`` (a hub id or a local directory). Loaded tokenizers
+are cached.
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from .errors import BackendUnavailableError
 
 
+def tokenizer_loaders() -> dict[str, Any]:
+    """Registered loaders by id prefix (longest prefix first)."""
+    from .plugins import _default_pm
+
+    found: dict[str, Any] = {}
+    for impl in _default_pm().hook.register_tokenizers.get_hookimpls():
+        impl.function(register=lambda prefix, target: found.setdefault(prefix, target))
+    return dict(sorted(found.items(), key=lambda kv: -len(kv[0])))
+
+
 @lru_cache(maxsize=16)
 def load_tokenizer(tokenizer_id: str) -> Any:
-    if tokenizer_id.startswith("loops/fake"):
-        from loops_backends.fake.tokenizer import load_fake_tokenizer
-
-        return load_fake_tokenizer(tokenizer_id)
-    if tokenizer_id == "loops/tiny-qwen3":
-        from loops_backends.local_gpu.tiny_model import tiny_model_path
-
-        tokenizer_id = str(tiny_model_path())
+    source: Any = tokenizer_id
+    for prefix, target in tokenizer_loaders().items():
+        if tokenizer_id.startswith(prefix):
+            if isinstance(target, str):
+                module, _, attr = target.partition(":")
+                target = getattr(importlib.import_module(module), attr)
+            source = target(tokenizer_id)
+            break
+    if not isinstance(source, (str, Path)):
+        return source
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:
         raise BackendUnavailableError("tokenizer", "local", exc) from exc
-    return AutoTokenizer.from_pretrained(tokenizer_id)
+    return AutoTokenizer.from_pretrained(str(source))

@@ -11,21 +11,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from .errors import InvalidRequestError, NotFoundError, SamplerVersionError
-from .futures import APIFuture, ClientLifecycle, ForwardBackwardFuture, on_loop, run_sync, submit
+from .errors import ClientClosedError, InvalidRequestError, NotFoundError, SamplerVersionError
+from .futures import ClientLifecycle, ForwardBackwardFuture, OperationFuture, on_loop, run_sync, submit, twin
 from .losses import validate_batch
+from .retry import poll_until
 from .sampling_client import SamplingClient
+from .session import Session
 from .types import (AdamParams, Checkpoint, CheckpointDownload, CheckpointFilesResponse, Datum, ForwardBackwardOutput,
                     GetInfoResponse, InitTrainerServerResponse, LoadWeightsResponse, OptimStepResponse,
                     SaveWeightsForSamplerResponse, SaveWeightsResponse, TensorData, WandbConfig)
 from .wire import Endpoint, WireClient
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .service_client import ServiceClient
 
 SAMPLER_WAIT_CEILING = 600.0  # seconds; independent of .result(timeout), as in the published client
 CustomLossFn = Callable[[list[Datum], list[Any]], tuple[Any, dict[str, float]]]
@@ -34,7 +32,7 @@ CustomLossFn = Callable[[list[Datum], list[Any]], tuple[Any, dict[str, float]]]
 class TrainingClient(ClientLifecycle):
     def __init__(self, trainer: Endpoint | str, *, base_model: str, lora_rank: int, run_id: str | None = None,
                  sampler: Endpoint | None = None, info: GetInfoResponse | None = None, timeout: float = 600.0,
-                 ready_timeout: float = 600.0, service: "ServiceClient | None" = None,
+                 ready_timeout: float = 600.0, session: Session | None = None,
                  wandb_config: WandbConfig | None = None):
         if isinstance(trainer, str):
             trainer = Endpoint(url=trainer)
@@ -44,7 +42,8 @@ class TrainingClient(ClientLifecycle):
         self._lora_rank = lora_rank
         self._run_id = run_id
         self._info = info
-        self._service = service
+        self._session = session
+        self._closed = False
         self.timeout = timeout
         self._wire = WireClient(trainer, timeout=timeout, ready_timeout=ready_timeout)
         self._seq = 0
@@ -68,6 +67,7 @@ class TrainingClient(ClientLifecycle):
     async def _submit(self, path: str, body: dict[str, Any], slot: tuple[int, Any, Any] | None = None) -> str:
         seq, prev, mine = slot or self._reserve()[0]
         try:
+            self._check_open(path.strip("/"))
             if prev is not None:
                 await asyncio.wrap_future(prev)  # the previous submission has been accepted (or failed)
             body = {**body, "seq_id": seq, "run_id": self._run_id, "model": self._base_model}
@@ -75,50 +75,61 @@ class TrainingClient(ClientLifecycle):
         finally:
             _release(mine)
 
-    def _future(self, op_id: str, what: str, parse: Callable[[Any], Any], cls: type = APIFuture) -> APIFuture:
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ClientClosedError(f"{what}: this TrainingClient was closed")
+        if self._session is not None:
+            self._session.check_open(what)
+
+    def _future(self, op_id: str, what: str, parse: Callable[[Any], Any],
+                cls: type = OperationFuture) -> OperationFuture:
         async def poll() -> Any:
             return parse(await self._wire.poll(op_id, what=what))
 
         return cls(submit(poll()), operation_id=op_id)
 
     # ---- forward / backward -------------------------------------------------------------------
-    def forward_backward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy",
-                         loss_fn_config: dict[str, Any] | None = None) -> ForwardBackwardFuture[ForwardBackwardOutput]:
-        """Forward and backward over ``data``; gradients accumulate until ``optim_step``."""
-        return run_sync(self._fb("/forward_backward", data, loss_fn, loss_fn_config))
+    @twin
+    async def forward_backward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                               loss_fn_config: dict[str, Any] | None = None,
+                               top_k_logprobs: int = 0) -> ForwardBackwardFuture[ForwardBackwardOutput]:
+        """Submit a forward and backward pass; the gradient is added to the accumulated one.
 
-    async def forward_backward_async(self, data: Sequence[Datum], loss_fn: str = "cross_entropy",
-                                     loss_fn_config: dict[str, Any] | None = None) -> ForwardBackwardFuture[ForwardBackwardOutput]:
-        """Async version of ``forward_backward``."""
-        return await on_loop(self._fb("/forward_backward", data, loss_fn, loss_fn_config))
+        ``top_k_logprobs`` (0-20) also returns, per position, the top-k token ids and logprobs.
+        """
+        return await self._fb("/forward_backward", data, loss_fn, loss_fn_config, top_k_logprobs)
 
-    def forward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy",
-                loss_fn_config: dict[str, Any] | None = None) -> ForwardBackwardFuture[ForwardBackwardOutput]:
+    @twin
+    async def forward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                      loss_fn_config: dict[str, Any] | None = None,
+                      top_k_logprobs: int = 0) -> ForwardBackwardFuture[ForwardBackwardOutput]:
         """Forward only: the same outputs, and the accumulated gradients are left untouched."""
-        return run_sync(self._fb("/forward", data, loss_fn, loss_fn_config))
-
-    async def forward_async(self, data: Sequence[Datum], loss_fn: str = "cross_entropy",
-                            loss_fn_config: dict[str, Any] | None = None) -> ForwardBackwardFuture[ForwardBackwardOutput]:
-        """Async version of ``forward``."""
-        return await on_loop(self._fb("/forward", data, loss_fn, loss_fn_config))
+        return await self._fb("/forward", data, loss_fn, loss_fn_config, top_k_logprobs)
 
     async def _fb(self, path: str, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str, Any] | None,
-                  slot: Any = None) -> ForwardBackwardFuture:
+                  top_k_logprobs: int = 0, slot: Any = None) -> ForwardBackwardFuture:
         data = _as_datums(data)
         validate_batch(data, loss_fn, loss_fn_config,
                        max_seq_len=self._info.max_seq_len if self._info else None)
+        if not isinstance(top_k_logprobs, int) or isinstance(top_k_logprobs, bool) or not 0 <= top_k_logprobs <= 20:
+            raise InvalidRequestError(f"top_k_logprobs must be an integer in [0, 20], got {top_k_logprobs!r}",
+                                      field="top_k_logprobs")
         body = {"data": [d.model_dump(mode="json") for d in data], "loss_fn": loss_fn,
                 "loss_fn_config": loss_fn_config}
+        if top_k_logprobs:
+            body["top_k_logprobs"] = top_k_logprobs
         op_id = await self._submit(path, body, slot)
         return self._future(op_id, path.strip("/"), self._record_fb, ForwardBackwardFuture)
 
     def _record_fb(self, result: Any) -> ForwardBackwardOutput:
         out = ForwardBackwardOutput.model_validate(result)
-        if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in out.metrics.items()})
+        if self._wandb is not None:  # committed with the optimizer step: one W&B step per training step
+            self._wandb.log({f"train/{k}": v for k, v in out.metrics.items()}, commit=False)
         return out
 
-    def forward_backward_custom(self, data: Sequence[Datum], loss_fn: CustomLossFn) -> ForwardBackwardFuture[ForwardBackwardOutput]:
+    @twin
+    async def forward_backward_custom(self, data: Sequence[Datum],
+                                      loss_fn: CustomLossFn) -> ForwardBackwardFuture[ForwardBackwardOutput]:
         """Train on your own loss of the per-token logprobs (needs torch on the client).
 
         ``loss_fn(data, logprobs)`` gets one float tensor per datum (the trainer's logprob of each
@@ -128,14 +139,6 @@ class TrainingClient(ClientLifecycle):
         custom loss's). Two trainer passes; ``loss:sum`` is the custom loss and the trainer's
         surrogate is reported as ``surrogate_loss:sum``.
         """
-        return run_sync(self._fb_custom(data, loss_fn))
-
-    async def forward_backward_custom_async(self, data: Sequence[Datum],
-                                            loss_fn: CustomLossFn) -> ForwardBackwardFuture[ForwardBackwardOutput]:
-        """Async version of ``forward_backward_custom``."""
-        return await on_loop(self._fb_custom(data, loss_fn))
-
-    async def _fb_custom(self, data: Sequence[Datum], loss_fn: CustomLossFn) -> ForwardBackwardFuture:
         data = _as_datums(data)
         for i, d in enumerate(data):
             extra = set(d.loss_fn_inputs) - {"target_tokens", "weights"}
@@ -146,7 +149,7 @@ class TrainingClient(ClientLifecycle):
                     field=f"data[{i}].loss_fn_inputs")
         fwd_slot, bwd_slot = self._reserve(2)
         try:
-            forward = await self._fb("/forward", data, "cross_entropy", None, fwd_slot)
+            forward = await self._fb("/forward", data, "cross_entropy", None, 0, fwd_slot)
         except BaseException:
             _release(fwd_slot[2])
             _release(bwd_slot[2])
@@ -162,7 +165,7 @@ class TrainingClient(ClientLifecycle):
             surrogate = [Datum(model_input=d.model_input,
                                loss_fn_inputs={"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": w})
                          for d, w in zip(data, weights)]
-            out = await (await self._fb("/forward_backward", surrogate, "cross_entropy", None, bwd_slot))
+            out = await (await self._fb("/forward_backward", surrogate, "cross_entropy", None, 0, bwd_slot))
             merged = {k: v for k, v in out.metrics.items() if k != "loss:sum"}
             merged["surrogate_loss:sum"] = out.metrics.get("loss:sum", out.loss)
             merged.update(metrics)
@@ -173,15 +176,9 @@ class TrainingClient(ClientLifecycle):
         return ForwardBackwardFuture(submit(run()))
 
     # ---- optimizer and state ----------------------------------------------------------------
-    def optim_step(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
+    @twin
+    async def optim_step(self, adam_params: AdamParams) -> OperationFuture[OptimStepResponse]:
         """Apply the accumulated gradients with Adam(W)."""
-        return run_sync(self._optim_step(adam_params))
-
-    async def optim_step_async(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
-        """Async version of ``optim_step``."""
-        return await on_loop(self._optim_step(adam_params))
-
-    async def _optim_step(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
         if not isinstance(adam_params, AdamParams):
             raise InvalidRequestError("adam_params must be an AdamParams", field="adam_params")
         op_id = await self._submit("/optim_step", {"adam_params": adam_params.model_dump()})
@@ -189,45 +186,29 @@ class TrainingClient(ClientLifecycle):
 
     def _record_optim(self, result: Any) -> OptimStepResponse:
         out = OptimStepResponse.model_validate(result)
-        if self._wandb is not None and out.metrics:
-            self._wandb.log({f"optim/{k}": v for k, v in out.metrics.items()})
+        if self._wandb is not None:
+            self._wandb.log({f"optim/{k}": v for k, v in (out.metrics or {}).items()})
         return out
 
-    def save_state(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsResponse]:
+    @twin
+    async def save_state(self, name: str, ttl_seconds: int | None = None) -> OperationFuture[SaveWeightsResponse]:
         """Save adapter weights and Adam state as a checkpoint named ``name``."""
-        return run_sync(self._simple("/save_state", {"name": name, "ttl_seconds": ttl_seconds}, SaveWeightsResponse))
+        return await self._simple("/save_state", {"name": name, "ttl_seconds": ttl_seconds}, SaveWeightsResponse)
 
-    async def save_state_async(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsResponse]:
-        """Async version of ``save_state``."""
-        return await on_loop(self._simple("/save_state", {"name": name, "ttl_seconds": ttl_seconds},
-                                          SaveWeightsResponse))
-
-    def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
+    @twin
+    async def load_state(self, path: str) -> OperationFuture[LoadWeightsResponse]:
         """Load the weights of a ``save_state`` checkpoint (Adam starts fresh)."""
-        return run_sync(self._simple("/load_state", {"path": path}, LoadWeightsResponse))
+        return await self._simple("/load_state", {"path": path}, LoadWeightsResponse)
 
-    async def load_state_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
-        """Async version of ``load_state``."""
-        return await on_loop(self._simple("/load_state", {"path": path}, LoadWeightsResponse))
-
-    def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
+    @twin
+    async def load_state_with_optimizer(self, path: str) -> OperationFuture[LoadWeightsResponse]:
         """Load weights and Adam moments: bit-exact resumption."""
-        return run_sync(self._simple("/load_state_with_optimizer", {"path": path}, LoadWeightsResponse))
+        return await self._simple("/load_state_with_optimizer", {"path": path}, LoadWeightsResponse)
 
-    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
-        """Async version of ``load_state_with_optimizer``."""
-        return await on_loop(self._simple("/load_state_with_optimizer", {"path": path}, LoadWeightsResponse))
-
-    def init_trainer_server(self, lora_rank: int, seed: int | None = None) -> APIFuture[InitTrainerServerResponse]:
-        """Reset the trainer to a fresh LoRA adapter of ``lora_rank`` (and a fresh optimizer)."""
-        return run_sync(self._init(lora_rank, seed))
-
-    async def init_trainer_server_async(self, lora_rank: int,
-                                        seed: int | None = None) -> APIFuture[InitTrainerServerResponse]:
-        """Async version of ``init_trainer_server``."""
-        return await on_loop(self._init(lora_rank, seed))
-
-    async def _init(self, lora_rank: int, seed: int | None) -> APIFuture[InitTrainerServerResponse]:
+    @twin
+    async def init_trainer_server(self, lora_rank: int,
+                                  seed: int | None = None) -> OperationFuture[InitTrainerServerResponse]:
+        """Reset this run to a fresh LoRA adapter of ``lora_rank`` (and a fresh optimizer)."""
         if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank <= 0:
             raise InvalidRequestError(f"lora_rank must be a positive integer, got {lora_rank!r}", field="lora_rank")
         body: dict[str, Any] = {"lora_rank": lora_rank, "base_model": self._base_model}
@@ -244,7 +225,7 @@ class TrainingClient(ClientLifecycle):
         op_id = await self._submit("/init_trainer_server", body)
         return self._future(op_id, "init_trainer_server", parse)
 
-    async def _simple(self, path: str, body: dict[str, Any], model: type) -> APIFuture:
+    async def _simple(self, path: str, body: dict[str, Any], model: type) -> OperationFuture:
         if "name" in body and (not isinstance(body["name"], str) or not body["name"]):
             raise InvalidRequestError("name must be a non-empty string", field="name")
         if "path" in body and (not isinstance(body["path"], str) or not body["path"]):
@@ -253,16 +234,10 @@ class TrainingClient(ClientLifecycle):
         return self._future(op_id, path.strip("/"), model.model_validate)
 
     # ---- publication ----------------------------------------------------------------------------
-    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsForSamplerResponse]:
+    @twin
+    async def save_weights_for_sampler(self, name: str,
+                                       ttl_seconds: int | None = None) -> OperationFuture[SaveWeightsForSamplerResponse]:
         """Publish the adapter to the paired sampler under ``name`` (bumps the policy version)."""
-        return run_sync(self._publish(name, ttl_seconds))
-
-    async def save_weights_for_sampler_async(self, name: str = "default",
-                                             ttl_seconds: int | None = None) -> APIFuture[SaveWeightsForSamplerResponse]:
-        """Async version of ``save_weights_for_sampler``."""
-        return await on_loop(self._publish(name, ttl_seconds))
-
-    async def _publish(self, name: str, ttl_seconds: int | None) -> APIFuture[SaveWeightsForSamplerResponse]:
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("name must be a non-empty string", field="name")
         op_id = await self._submit("/save_weights_for_sampler",
@@ -275,21 +250,15 @@ class TrainingClient(ClientLifecycle):
 
         return self._future(op_id, "save_weights_for_sampler", parse)
 
-    def save_weights_and_get_sampling_client(self, name: str = "default") -> APIFuture[SamplingClient]:
+    @twin
+    async def save_weights_and_get_sampling_client(self, name: str = "default") -> OperationFuture[SamplingClient]:
         """Publish, wait until the sampler has loaded the version, and return a client pinned to it.
 
         The sampler wait has its own 600 s ceiling (``SamplerVersionError`` past it).
         """
-        return run_sync(self._publish_and_pin(name))
-
-    async def save_weights_and_get_sampling_client_async(self, name: str = "default") -> APIFuture[SamplingClient]:
-        """Async version of ``save_weights_and_get_sampling_client``."""
-        return await on_loop(self._publish_and_pin(name))
-
-    async def _publish_and_pin(self, name: str) -> APIFuture[SamplingClient]:
         if self._sampler is None:
             raise InvalidRequestError("this TrainingClient has no paired sampler", field="sampler")
-        published = await self._publish(name, None)
+        published = await self.save_weights_for_sampler_async(name)
 
         async def compose() -> SamplingClient:
             out = await published
@@ -298,33 +267,26 @@ class TrainingClient(ClientLifecycle):
             return self._sampling_client(policy_version=out.version or None, min_policy_version=out.version or None,
                                          checkpoint_path=out.path)
 
-        return APIFuture(submit(compose()), operation_id=published.operation_id)
+        return OperationFuture(submit(compose()), operation_id=published.operation_id)
 
     async def _wait_for_sampler(self, version: int) -> None:
         assert self._sampler is not None
         probe = WireClient(self._sampler, timeout=30.0, ready_timeout=30.0)
-        deadline = time.monotonic() + SAMPLER_WAIT_CEILING
         try:
-            while True:
-                data = await probe.get_json("/trainers_policy_version", what="sampler version")
-                if int(data.get("policy_version") or 0) >= version:
-                    return
-                if time.monotonic() > deadline:
-                    raise SamplerVersionError(f"the sampler did not load policy version {version} within "
-                                              f"{SAMPLER_WAIT_CEILING:.0f} s")
-                await asyncio.sleep(0.25)
+            await poll_until(lambda: self._sampler_reached(probe, version), budget=SAMPLER_WAIT_CEILING,
+                             interval=0.25, what=f"the sampler loading policy version {version}",
+                             error=SamplerVersionError)
         finally:
             await probe.aclose()
 
-    def create_sampling_client(self, model_path: str) -> SamplingClient:
+    @staticmethod
+    async def _sampler_reached(probe: WireClient, version: int) -> bool:
+        data = await probe.get_json("/trainers_policy_version", what="sampler version")
+        return int(data.get("policy_version") or 0) >= version
+
+    @twin
+    async def create_sampling_client(self, model_path: str) -> SamplingClient:
         """A client on the paired sampler serving the sampler checkpoint at ``model_path``."""
-        return run_sync(self._sampling_client_for_path(model_path))
-
-    async def create_sampling_client_async(self, model_path: str) -> SamplingClient:
-        """Async version of ``create_sampling_client``."""
-        return await on_loop(self._sampling_client_for_path(model_path))
-
-    async def _sampling_client_for_path(self, model_path: str) -> SamplingClient:
         if not isinstance(model_path, str) or not model_path:
             raise InvalidRequestError("model_path must be a sampler checkpoint path", field="model_path")
         if "/weights/" in model_path:
@@ -332,66 +294,49 @@ class TrainingClient(ClientLifecycle):
                 f"{model_path!r} is a training-state checkpoint; sample from a sampler_weights path "
                 "(save_weights_for_sampler returns one)", field="model_path")
         client = self._sampling_client(checkpoint_path=model_path, min_policy_version=None, policy_version=None)
-        await client._ensure_ready(30.0)
+        await client.ensure_ready_async(30.0)
         return client
 
     def _sampling_client(self, **pin: Any) -> SamplingClient:
         assert self._sampler is not None
         tokenizer_id = self._info.model_data.tokenizer_id if self._info else None
-        loader = self._service._backend.load_tokenizer if self._service is not None else None
+        loader = self._session.load_tokenizer if self._session is not None else None
         return SamplingClient(self._sampler, base_model=self._base_model, tokenizer_id=tokenizer_id,
                               run_id=self._run_id, tokenizer_loader=loader, **pin)
 
-    # ---- checkpoints --------------------------------------------------------------------------
-    def list_checkpoints(self) -> list[Checkpoint]:
+    # ---- checkpoints (the session's reads, scoped to this run) --------------------------------
+    @twin
+    async def list_checkpoints(self) -> list[Checkpoint]:
         """Checkpoints saved by this run."""
-        return run_sync(self._list_checkpoints())
-
-    async def list_checkpoints_async(self) -> list[Checkpoint]:
-        """Async version of ``list_checkpoints``."""
-        return await on_loop(self._list_checkpoints())
-
-    async def _list_checkpoints(self) -> list[Checkpoint]:
-        if self._service is not None and self._run_id:
-            return await self._service._list_checkpoints(self._run_id)
+        if self._session is not None and self._run_id:
+            return await self._session.list_checkpoints(self._run_id)
         data = await self._wire.get_json("/checkpoints", what="list checkpoints")
         return [Checkpoint.model_validate(c) for c in data.get("checkpoints", [])]
 
-    def get_checkpoint_archive_url(self, checkpoint_id: str, page_size: int = 1000,
-                                   page_token: int = 0) -> CheckpointFilesResponse:
+    @twin
+    async def get_checkpoint_archive_url(self, checkpoint_id: str, page_size: int = 1000,
+                                         page_token: int = 0) -> CheckpointFilesResponse:
         """URLs of every file in a checkpoint of this run."""
-        return run_sync(self._archive(checkpoint_id, page_size, page_token))
+        return await self._require_session("checkpoint files").checkpoint_archive_url(checkpoint_id, page_size,
+                                                                                       page_token)
 
-    async def get_checkpoint_archive_url_async(self, checkpoint_id: str, page_size: int = 1000,
-                                               page_token: int = 0) -> CheckpointFilesResponse:
-        """Async version of ``get_checkpoint_archive_url``."""
-        return await on_loop(self._archive(checkpoint_id, page_size, page_token))
-
-    async def _archive(self, checkpoint_id: str, page_size: int, page_token: int) -> CheckpointFilesResponse:
-        if self._service is None:
-            raise NotFoundError("checkpoint files need a ServiceClient-created TrainingClient", status_code=404)
-        return await self._service._archive(checkpoint_id, page_size, page_token)
-
-    def download_checkpoint(self, checkpoint_id: str, *, dest_dir: str | Path) -> CheckpointDownload:
+    @twin
+    async def download_checkpoint(self, checkpoint_id: str, *, dest_dir: str | Path) -> CheckpointDownload:
         """Download every file of a checkpoint of this run into ``dest_dir`` (new or empty)."""
-        return run_sync(self._download(checkpoint_id, dest_dir))
+        return await self._require_session("checkpoint downloads").download_checkpoint(checkpoint_id, dest_dir)
 
-    async def download_checkpoint_async(self, checkpoint_id: str, *, dest_dir: str | Path) -> CheckpointDownload:
-        """Async version of ``download_checkpoint``."""
-        return await on_loop(self._download(checkpoint_id, dest_dir))
-
-    async def _download(self, checkpoint_id: str, dest_dir: str | Path) -> CheckpointDownload:
-        if self._service is None:
-            raise NotFoundError("checkpoint downloads need a ServiceClient-created TrainingClient", status_code=404)
-        return await self._service._download(checkpoint_id, dest_dir)
+    def _require_session(self, what: str) -> Session:
+        if self._session is None:
+            raise NotFoundError(f"{what} need a ServiceClient-created TrainingClient", status_code=404)
+        return self._session
 
     # ---- info -----------------------------------------------------------------------------------
     def get_tokenizer(self) -> Any:
         """The base model's tokenizer (cached)."""
         tid = self._info.model_data.tokenizer_id if self._info and self._info.model_data.tokenizer_id \
             else self._base_model
-        if self._service is not None:
-            return self._service._backend.load_tokenizer(tid)
+        if self._session is not None:
+            return self._session.load_tokenizer(tid)
         from .tokenizers import load_tokenizer
 
         return load_tokenizer(tid)
@@ -431,9 +376,12 @@ class TrainingClient(ClientLifecycle):
         self._finish_wandb()
 
     async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         await self._wire.aclose()
-        if self._service is not None and self._run_id:
-            await self._service._backend.release_trainer(self._run_id)
+        if self._session is not None and self._run_id:
+            await self._session.release_trainer(self._run_id)
 
     def _finish_wandb(self) -> None:
         if self._wandb is not None:

@@ -1,14 +1,18 @@
 """The HTTP client side of the Loops data-plane protocol (httpx), and the one place where httpx
 errors and HTTP statuses become ``loops_core.errors``.
 
-Retry policy, and how it differs from the published client:
+Retries follow the named policies of ``loops_core.retry`` (which statuses, and why). What this
+module adds:
 
 * submits carry one ``Idempotency-Key`` reused across retries, so a retry never runs twice;
-* retried: connection errors, 502/504, and 408 (cold start, version gate), with capped exponential
-  backoff until ``ready_timeout``;
-* **not** retried: 400/422 (the request is invalid: ``InvalidRequestError``), 401/403, 404, 410;
-  503 is ``ServerShutdownError`` at once;
-* polls hold for up to 30 s on the server and re-poll at once on 408.
+* polls hold for up to 30 s on the server and re-poll at once on 408; a server that cannot be
+  reached for ``unreachable_timeout`` (30 s by default, ``LOOPS_UNREACHABLE_TIMEOUT``) is an
+  ``APIConnectionError`` naming its URL, and a server process known to have exited (the local
+  backend's ``Endpoint.liveness``) is one at once, with its exit code and last log lines;
+* every loops server stamps its answers with ``X-Loops-Incarnation``; when that changes under a
+  client, the server restarted and lost the client's state: ``ServerRestartedError``, never
+  silent progress on a fresh adapter;
+* a closed client raises ``ClientClosedError`` at once.
 """
 
 from __future__ import annotations
@@ -16,18 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import random
+import os
 import ssl
-import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import httpx
 
-from . import __version__
-from .errors import (APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError,
-                     InvalidRequestError, NotFoundError, RemoteOpError, ServerShutdownError, UnknownRequestError)
+from ._version import __version__
+from .errors import (APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError, ClientClosedError,
+                     InvalidRequestError, NotFoundError, RemoteOpError, ServerRestartedError, ServerShutdownError,
+                     UnknownRequestError)
+from .retry import DATA_POLL, DATA_SUBMIT, RetryPolicy, retry_after_seconds
+from .settings import client_settings
+
+INCARNATION_HEADER = "X-Loops-Incarnation"
 
 POLL_READ_TIMEOUT = 35.0  # the server holds a poll for up to 30 s
 # httpcore's connection pool rescans all its connections for every request it places and every
@@ -46,6 +54,29 @@ class Endpoint:
     headers: Mapping[str, str] = field(default_factory=dict)
     transport: httpx.AsyncBaseTransport | None = None
     api_key: str | None = field(default=None, repr=False)
+    # Says why the server is certainly gone (its process exited), else None: lets a client fail at
+    # once instead of waiting out ``unreachable_timeout``. Never pickled.
+    liveness: Callable[[], str | None] | None = field(default=None, compare=False)
+    # The environment variable a pickled client re-reads its key from (keys are never pickled).
+    api_key_env: str = "LOOPS_API_KEY"
+    # A queued (serverless) sampler answers /sample with 202 and an operation to poll.
+    queued: bool = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickles carry neither the key (it is re-read from ``api_key_env``) nor process handles.
+        return {**self.__dict__, "api_key": None, "liveness": None, "transport": None,
+                "_had_key": self.api_key is not None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        had_key = state.pop("_had_key", False)
+        if had_key:
+            state["api_key"] = os.environ.get(state["api_key_env"])
+            if not state["api_key"]:
+                raise AuthenticationError(
+                    f"this pickled client talks to {state['url']}, which needs an API key; keys are not "
+                    f"pickled: set {state['api_key_env']} in this process")
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
 
     def __repr__(self) -> str:  # never show the key
         return f"Endpoint(url={self.url!r})"
@@ -93,11 +124,22 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     if status == 404:
         raise NotFoundError(f"{what}: {text}", status_code=status, body=text)
     if status == 503:
-        raise ServerShutdownError(f"{what}: the server is shutting down (503): {text}")
-    raise APIStatusError(f"{what}: HTTP {status}: {text}", status_code=status, body=text)
+        raise ServerShutdownError(f"{what}: the server is shutting down or unavailable (503): {text}")
+    error = APIStatusError(f"{what}: HTTP {status}: {text}", status_code=status, body=text)
+    error.retry_after = retry_after_seconds(response.headers.get("retry-after"))
+    raise error
 
 
-RETRY_STATUSES = {408, 502, 504}
+def accepted_operation_id(r: httpx.Response, what: str) -> str:
+    """The operation id of a 202 acceptance; any other shape is an error, never a result."""
+    try:
+        data = r.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("operation_id"), str) \
+            or not data["operation_id"] or data.get("schema_version", 1) != 1:
+        raise APIStatusError(f"{what}: unexpected submit answer {r.text[:200]!r}", status_code=r.status_code)
+    return data["operation_id"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,20 +148,19 @@ def ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-async def backoff_sleep(attempt: int, cap: float = 10.0) -> None:
-    await asyncio.sleep(min(cap, 0.05 * 2 ** attempt) * (0.5 + random.random() / 2))
-
-
 class WireClient:
     """The httpx.AsyncClients for one server (one per request in flight, reused; see above),
     created lazily on the SDK loop."""
 
     def __init__(self, endpoint: Endpoint, *, timeout: float = 600.0, ready_timeout: float = 600.0,
-                 extra_headers: Mapping[str, str] | None = None):
+                 extra_headers: Mapping[str, str] | None = None, unreachable_timeout: float | None = None):
         self.endpoint = endpoint
         self.timeout = timeout
         self.ready_timeout = ready_timeout
+        self.unreachable_timeout = unreachable_timeout or client_settings().unreachable_timeout
         self.extra_headers = dict(extra_headers or {})
+        self.incarnation: str | None = None
+        self.closed = False
         self._clients: list[httpx.AsyncClient] = []  # all of them, for aclose
         self._idle: list[httpx.AsyncClient] = []  # those with no request in flight
 
@@ -157,26 +198,56 @@ class WireClient:
             if client in self._clients:  # not closed meanwhile
                 self._idle.append(client)
 
+    async def _send(self, method: str, path: str, *, what: str, timeout: Any = None, **kwargs: Any) -> httpx.Response:
+        """One HTTP exchange, translated: transport errors become ours, and the incarnation is checked."""
+        if self.closed:
+            raise ClientClosedError(f"{what}: this client was closed")
+        try:
+            with translate_errors(what, self.url + path), self._leased() as client:
+                r = await client.request(method, path, timeout=timeout if timeout is not None
+                                         else httpx.USE_CLIENT_DEFAULT, **kwargs)
+        except APIConnectionError as exc:
+            gone = self.endpoint.liveness() if self.endpoint.liveness is not None else None
+            if gone:
+                raise APIConnectionError(f"{what}: the server at {self.url} is gone: {gone}") from exc
+            raise
+        self._check_incarnation(r, what)
+        return r
+
+    def _check_incarnation(self, r: httpx.Response, what: str) -> None:
+        seen = r.headers.get(INCARNATION_HEADER)
+        if seen is None:
+            return
+        if self.incarnation is None:
+            self.incarnation = seen
+        elif seen != self.incarnation:
+            raise ServerRestartedError(
+                f"{what}: the server at {self.url} restarted (incarnation {self.incarnation} -> {seen}); its "
+                "operations and unsaved adapter state are gone: load a checkpoint and resubmit")
+
     async def request(self, method: str, path: str, *, what: str, json: Any = None,
                       params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
-                      timeout: float | None = None, retry: bool = True) -> httpx.Response:
-        """One call with retries on transient failures; returns a 2xx response or raises."""
-        deadline = time.monotonic() + self.ready_timeout
-        attempt = 0
-        while True:
-            try:
-                with translate_errors(what, self.url + path), self._leased() as client:
-                    r = await client.request(method, path, json=json, params=params, headers=headers,
-                                             timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
-            except APIConnectionError:
-                if not retry or time.monotonic() > deadline:
-                    raise
-            else:
-                if r.status_code not in RETRY_STATUSES or not retry or time.monotonic() > deadline:
-                    raise_for_status(r, what)
-                    return r
-            await backoff_sleep(attempt)
-            attempt += 1
+                      timeout: float | None = None, retry: bool = True, policy: RetryPolicy = DATA_SUBMIT,
+                      budget: float | None = None, accept: frozenset[int] = frozenset()) -> httpx.Response:
+        """One call, retried by ``policy`` for ``budget`` seconds; returns a 2xx response (or one whose
+        status is in ``accept``) or raises. The default budget is ``ready_timeout`` while waiting for
+        a server to come up (a provisioning policy), else the per-call ``timeout``."""
+        async def attempt() -> httpx.Response:
+            r = await self._send(method, path, what=what, json=json, params=params, headers=headers,
+                                 timeout=timeout)
+            if r.status_code not in accept:
+                raise_for_status(r, what)
+            return r
+
+        if not retry:
+            return await attempt()
+        if budget is None:
+            budget = self.ready_timeout if policy.provisioning else self.timeout
+        async for attempt_state in policy.retrying(
+                budget, unreachable=None if policy.provisioning else self.unreachable_timeout):
+            with attempt_state:
+                return await attempt()
+        raise AssertionError("unreachable")  # pragma: no cover - tenacity re-raises the last error
 
     async def get_json(self, path: str, *, what: str, params: Mapping[str, Any] | None = None,
                        timeout: float | None = None) -> Any:
@@ -187,33 +258,22 @@ class WireClient:
         """POST an operation; returns its id once the server accepted it."""
         key = key or uuid.uuid4().hex
         r = await self.request("POST", path, what=what, json=body, headers={"Idempotency-Key": key})
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
-        if not isinstance(data, dict) or not isinstance(data.get("operation_id"), str) \
-                or data.get("schema_version", 1) != 1:
-            raise APIStatusError(f"{what}: unexpected submit answer {r.text[:200]!r}", status_code=r.status_code)
-        return data["operation_id"]
+        return accepted_operation_id(r, what)
 
     async def poll(self, op_id: str, *, what: str) -> Any:
-        """Long-poll ``/operations/{id}`` until it is done; returns ``result`` or raises."""
+        """Long-poll ``/operations/{id}`` until it is done; returns ``result`` or raises.
+
+        Each answer is final (done, error) or "ask again" (408, pending): a long-poll, not a retry.
+        Only an unreachable server is retried, within ``unreachable_timeout``.
+        """
         path = f"/operations/{op_id}"
         while True:
-            try:
-                with translate_errors(what, self.url + path), self._leased() as client:
-                    r = await client.get(path, timeout=httpx.Timeout(POLL_READ_TIMEOUT, connect=10.0))
-            except APIConnectionError:
-                await asyncio.sleep(2.0)  # transient: the operation is still safe on the server
-                continue
+            r = await self.request("GET", path, what=what, policy=DATA_POLL, budget=self.unreachable_timeout,
+                                   timeout=POLL_READ_TIMEOUT, accept=frozenset({404, 408}))
             if r.status_code == 408:
                 continue
             if r.status_code == 404:
                 raise UnknownRequestError(op_id)
-            if r.status_code in (502, 504):
-                await asyncio.sleep(2.0)
-                continue
-            raise_for_status(r, what)
             data = r.json()
             status = data.get("status")
             if status == "done":
@@ -223,7 +283,13 @@ class WireClient:
                                     operation=what)
             await asyncio.sleep(1.0)
 
+    async def cancel(self, op_id: str) -> None:
+        """Best effort: cancel an operation nobody waits for (a queued one; a running one finishes)."""
+        with contextlib.suppress(APIConnectionError, APIStatusError, ClientClosedError):
+            await self._send("POST", f"/operations/{op_id}/cancel", what="cancel", timeout=5.0)
+
     async def aclose(self) -> None:
+        self.closed = True
         clients, self._clients, self._idle = self._clients, [], []
         for client in clients:
             await client.aclose()

@@ -124,7 +124,7 @@ def test_checkpoint_listing_pages_and_download(emu, tmp_path):
         tc = sc.create_lora_training_client(MODEL, rank=4, seed=1)
         tc.save_state("dl").result()
         ckpt = next(c for c in sc.list_checkpoints(tc.run_id) if c.checkpoint_id == "dl")
-        backend: BasetenBackend = sc._backend
+        backend: BasetenBackend = sc.backend
         first = sc.get_checkpoint_archive_url(ckpt.id, page_size=1)
         assert len(first.presigned_urls) == 1 and first.next_page_token == 1 and first.total_count >= 2
         pages_before = len([r for r in emu.requests if r["path"].endswith("/files")])
@@ -329,9 +329,9 @@ def test_the_api_key_never_leaks(emu, caplog, tmp_path):
     expect(lambda: sc.create_sampling_client(model_path="bt://loops:no-run/sampler_weights/x"), NotFoundError)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    expect(lambda: sc._backend.download_checkpoint_sync(f"{tc.run_id}/weights/k", tmp_path / "full"))
+    expect(lambda: sc.backend.download_checkpoint_sync(f"{tc.run_id}/weights/k", tmp_path / "full"))
     emu.url_ttl_s = -1
-    expect(lambda: sc._backend.download_checkpoint_sync(f"{tc.run_id}/weights/k", tmp_path / "e"))
+    expect(lambda: sc.backend.download_checkpoint_sync(f"{tc.run_id}/weights/k", tmp_path / "e"))
     emu.set_deployment(trainer_dep(emu, tc.run_id).id, shutting_down=True)
     expect(lambda: tc.forward_backward([datum(tc)]).result(), ServerShutdownError)
 
@@ -341,7 +341,7 @@ def test_the_api_key_never_leaks(emu, caplog, tmp_path):
     expect(lambda: run_sync(cp.create_session()), InvalidRequestError)
     run_sync(cp.aclose())
 
-    texts = [caplog.text, repr(sc._backend), repr(sc._backend.config), repr(sc._backend.control), repr(sc),
+    texts = [caplog.text, repr(sc.backend), repr(sc.backend.config), repr(sc.backend.control), repr(sc),
              repr(tc), repr(tc._endpoint), repr(tc._sampler), repr(emu.faults)]
     for exc in errors:
         seen = set()

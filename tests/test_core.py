@@ -134,11 +134,26 @@ def test_unknown_backend_lists_installed_ones(monkeypatch):
     assert "fake" in str(info.value) and "nope" in str(info.value)
 
 
+def test_unknown_backend_separates_installed_from_missing_extras():
+    class Plugin:
+        @loops_core.hookimpl
+        def register_backends(self, register):
+            register("gpuzilla", "gpuzilla_backend:Backend", extra="gpuzilla", requires=("gpuzilla_sdk_xyz",))
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(Plugin(), name="test-plugin")
+    with pytest.raises(BackendNotFoundError) as info:
+        load_backend("nope", pm)
+    installed = str(info.value).split("Installed backends:")[1].split(";")[0]
+    assert "fake" in installed and "gpuzilla" not in installed
+    assert "gpuzilla needs: pip install -e '.[gpuzilla]'" in str(info.value)
+
+
 def test_missing_extra_names_the_pip_command():
     info = BackendInfo("gpuzilla", "gpuzilla_backend:Backend", extra="gpuzilla", requires=("gpuzilla_sdk_xyz",))
     with pytest.raises(BackendUnavailableError) as exc:
         info.load()
-    assert "pip install 'loops[gpuzilla]'" in str(exc.value) and "gpuzilla_sdk_xyz" in str(exc.value)
+    assert "pip install -e '.[gpuzilla]'" in str(exc.value) and "gpuzilla_sdk_xyz" in str(exc.value)
 
 
 def test_third_party_backend_through_the_hook(monkeypatch):
@@ -191,3 +206,21 @@ def test_all_is_sorted_and_complete():
     assert loops_core.__all__ == sorted(loops_core.__all__)
     for name in loops_core.__all__:
         assert hasattr(loops_core, name), name
+
+
+def test_pickled_sampling_client_carries_no_key(monkeypatch):
+    import pickle
+
+    from loops_core import AuthenticationError, SamplingClient
+    from loops_core.wire import Endpoint
+
+    secret = "k3y-" + "x" * 28
+    sc = SamplingClient(Endpoint(url="http://127.0.0.1:9", api_key=secret, api_key_env="MY_LOOPS_KEY"),
+                        base_model="m")
+    blob = pickle.dumps(sc)
+    assert secret.encode() not in blob
+    monkeypatch.delenv("MY_LOOPS_KEY", raising=False)
+    with pytest.raises(AuthenticationError, match="MY_LOOPS_KEY"):
+        pickle.loads(blob)
+    monkeypatch.setenv("MY_LOOPS_KEY", secret)
+    assert pickle.loads(blob)._endpoint.api_key == secret

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     from loops_core import ServiceClient
     service = ServiceClient(backend="local", engine="fake")
     tc = service.create_lora_training_client("fake-model", rank=4)
-    print(" ".join(str(p.proc.pid) for p in service._backend.processes), flush=True)
+    print(" ".join(str(p.proc.pid) for p in service.backend.processes), flush=True)
     how = sys.argv[1]
     if how == "crash":
         os.kill(os.getpid(), signal.SIGKILL)   # no atexit, no finally: only the children's watchdog helps
@@ -74,5 +74,7 @@ def test_servers_answer_on_loopback_and_logs_are_kept():
     assert tc.health() is None
     logs = list((loops_home() / "logs").glob(f"{tc.run_id}-*.log"))
     assert len(logs) == 2
+    procs = [p.proc for p in service.backend.processes]  # close() empties the list: keep the handles
+    assert len(procs) == 2
     service.close()
-    assert all(p.proc.poll() is not None for p in service._backend.processes) or not service._backend.processes
+    assert all(proc.poll() is not None for proc in procs), "close() left a server process running"

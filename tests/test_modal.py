@@ -77,10 +77,10 @@ def test_missing_modal_package_names_the_extra(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "modal" else real(name, *a))
-    with pytest.raises(BackendUnavailableError, match=r"pip install 'loops\[modal\]'"):
+    with pytest.raises(BackendUnavailableError, match=r"pip install -e '\.\[modal\]'"):
         ServiceClient(backend="modal")
     monkeypatch.setitem(sys.modules, "modal", None)  # `import modal` now fails
-    with pytest.raises(BackendUnavailableError, match=r"pip install 'loops\[modal\]'"):
+    with pytest.raises(BackendUnavailableError, match=r"pip install -e '\.\[modal\]'"):
         platform.import_modal()
 
 

@@ -1,11 +1,11 @@
-"""Tinker's exception tree, and the one function that turns a loops error into it.
+"""Tinker's exception tree, with Tinker's constructors, and the one function that turns a loops error into it.
 
 ::
 
-    TinkerError                      (also a loops_core.LoopsError)
-    ├── APIError
-    │   ├── APIStatusError           status_code, body
-    │   │   ├── BadRequestError          400  ← InvalidRequestError (bad input, client or server side)
+    TinkerError
+    ├── APIError(message, request, *, body)
+    │   ├── APIStatusError(message, response, body)     .status_code, .response, .body
+    │   │   ├── BadRequestError          400  ← loops InvalidRequestError (bad input, client or server side)
     │   │   ├── AuthenticationError      401  ← loops AuthenticationError
     │   │   ├── BillingError             402
     │   │   ├── PermissionDeniedError    403
@@ -13,124 +13,153 @@
     │   │   ├── ConflictError            409
     │   │   ├── UnprocessableEntityError 422
     │   │   ├── RateLimitError           429
-    │   │   └── InternalServerError      5xx  ← other statuses, ServerShutdownError (503)
-    │   ├── APIConnectionError           ← loops APIConnectionError (server unreachable)
-    │   │   └── APITimeoutError          ← loops APITimeoutError
-    │   └── APIResponseValidationError
-    └── RequestFailedError           message, request_id, category
-                                     ← RemoteOpError (the operation ran and failed), UnknownRequestError,
+    │   │   └── InternalServerError      5xx  ← other statuses, loops ServerShutdownError (503)
+    │   ├── APIConnectionError(request, message=...)   ← loops APIConnectionError (server unreachable)
+    │   │   └── APITimeoutError(request)              ← loops APITimeoutError
+    │   └── APIResponseValidationError(response, body, message=None)
+    └── RequestFailedError(message, request_id, category)
+                                     ← loops RemoteOpError (the operation ran and failed), UnknownRequestError,
                                        SamplerVersionError
 
-Each Tinker class also inherits the loops class it stands for (``BadRequestError`` is an
-``InvalidRequestError``, ``NotFoundError`` a loops ``NotFoundError``, ...), so code written against
-either SDK catches what it expects. loops raises its own classes; ``translate`` maps them, and the
-shim applies it in one place (:func:`tinker_errors`), where a future's result or a direct call
-leaves the shim. ``ConfigurationError`` (no such backend, missing extra) and ``FutureTimeoutError``
-(a ``TimeoutError``) pass through unchanged.
+These are Tinker's classes only (not loops' too), so code tested on loops catches what it would
+catch on Tinker. loops raises its own classes; :func:`translate` maps them, building the
+``httpx`` request/response Tinker's constructors take (the URL names the loops operation), and
+the shim applies it in one place (:func:`tinker_errors`). The loops error stays as ``__cause__``.
+``ConfigurationError`` (no such backend, missing extra) and ``FutureTimeoutError`` pass through.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
+
+import httpx
 
 import loops_core.errors as le
 
-RequestErrorCategory = Literal["unknown", "server", "user"]
+from .types import RequestErrorCategory
 
 
-class TinkerError(le.LoopsError):
-    """Root of Tinker's exceptions."""
+class TinkerError(Exception):
+    pass
 
-    def __init__(self, message: str = "", **attrs: Any):
-        # Bypass the loops constructors (their signatures differ); set what both sides read.
-        Exception.__init__(self, message)
+
+class APIError(TinkerError):
+    def __init__(self, message: str, request: httpx.Request, *, body: object | None) -> None:
+        super().__init__(message)
+        self.request = request
         self.message = message
-        for key in ("status_code", "body", "field", "error_class", "operation_id", "operation"):
-            setattr(self, key, attrs.pop(key, getattr(type(self), key, None)))
-        for key, value in attrs.items():
-            setattr(self, key, value)
-
-    def __reduce__(self) -> Any:
-        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
-
-
-def _rebuild(cls: type, message: str, state: dict[str, Any]) -> TinkerError:
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, message)
-    exc.__dict__.update(state)
-    return exc
-
-
-class APIError(TinkerError, le.APIError):
-    pass
-
-
-class APIStatusError(APIError, le.APIStatusError):
-    status_code: int = 500
-
-
-class APIConnectionError(APIError, le.APIConnectionError):
-    pass
-
-
-class APITimeoutError(APIConnectionError, le.APITimeoutError):
-    pass
+        self.body = body
 
 
 class APIResponseValidationError(APIError):
-    pass
+    def __init__(self, response: httpx.Response, body: object | None, message: str | None = None) -> None:
+        super().__init__(message or "Data returned by API invalid for expected schema.", response.request, body=body)
+        self.response = response
+        self.status_code = response.status_code
+
+    def __reduce__(self) -> Any:
+        return (self.__class__, (self.response, self.body, self.message), None)
 
 
-class BadRequestError(APIStatusError, le.InvalidRequestError):
-    status_code = 400
+class APIStatusError(APIError):
+    def __init__(self, message: str, response: httpx.Response, body: object | None) -> None:
+        super().__init__(message, response.request, body=body)
+        self.response = response
+        self.status_code = response.status_code
+
+    def __reduce__(self) -> Any:
+        return (self.__class__, (self.message, self.response, self.body), None)
 
 
-class AuthenticationError(APIStatusError, le.AuthenticationError):
-    status_code = 401
+class APIConnectionError(APIError):
+    def __init__(self, request: httpx.Request, message: str = "Connection error.") -> None:
+        super().__init__(message, request, body=None)
+
+    def __reduce__(self) -> Any:
+        return (self.__class__, (self.request, self.message), None)
+
+
+class APITimeoutError(APIConnectionError):
+    def __init__(self, request: httpx.Request) -> None:
+        super().__init__(request=request, message="Request timed out.")
+
+    def __reduce__(self) -> Any:
+        return (self.__class__, (self.request,), None)
+
+
+class BadRequestError(APIStatusError):
+    status_code: int = 400
+
+
+class AuthenticationError(APIStatusError):
+    status_code: int = 401
 
 
 class BillingError(APIStatusError):
-    status_code = 402
+    status_code: int = 402
 
 
-class PermissionDeniedError(APIStatusError, le.AuthenticationError):
-    status_code = 403
+class PermissionDeniedError(APIStatusError):
+    status_code: int = 403
 
 
-class NotFoundError(APIStatusError, le.NotFoundError):
-    status_code = 404
+class NotFoundError(APIStatusError):
+    status_code: int = 404
 
 
 class ConflictError(APIStatusError):
-    status_code = 409
+    status_code: int = 409
 
 
-class UnprocessableEntityError(APIStatusError, le.InvalidRequestError):
-    status_code = 422
+class UnprocessableEntityError(APIStatusError):
+    status_code: int = 422
 
 
 class RateLimitError(APIStatusError):
-    status_code = 429
+    status_code: int = 429
 
 
 class InternalServerError(APIStatusError):
-    status_code = 500
+    pass
 
 
-class RequestFailedError(TinkerError, le.RemoteOpError):
-    """The operation was accepted and then failed (Tinker: a future resolved to an error)."""
+class RequestFailedError(TinkerError):
+    """An operation was accepted and then failed (a future resolved to an error)."""
 
-    def __init__(self, message: str = "", request_id: str = "", category: RequestErrorCategory = "unknown",
-                 **attrs: Any):
-        super().__init__(message, request_id=request_id, category=category, **attrs)
+    def __init__(self, message: str, request_id: str, category: RequestErrorCategory) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+        self.category = category
+
+    def __reduce__(self) -> Any:
+        return (self.__class__, (self.message, self.request_id, self.category), None)
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {
-    c.status_code: c for c in (BadRequestError, AuthenticationError, BillingError, PermissionDeniedError,
-                               NotFoundError, ConflictError, UnprocessableEntityError, RateLimitError)}
+    400: BadRequestError, 401: AuthenticationError, 402: BillingError, 403: PermissionDeniedError,
+    404: NotFoundError, 409: ConflictError, 422: UnprocessableEntityError, 429: RateLimitError}
 # Server-side exception names that mean "the request was wrong" rather than "the server failed".
 _USER_ERRORS = {"ValueError", "KeyError", "TypeError", "InvalidRequestError", "NotFoundError"}
+
+
+def loops_request(what: str = "request") -> httpx.Request:
+    """The request object Tinker's exceptions carry, for a loops call that has no HTTP request of its own."""
+    return httpx.Request("POST", f"http://loops.invalid/{what}")
+
+
+def status_error(status: int, message: str, body: object | None = None, what: str = "request") -> APIStatusError:
+    """Tinker's exception for HTTP ``status`` (``BadRequestError`` for 400, ...)."""
+    cls = _BY_STATUS.get(status) or (InternalServerError if status >= 500 else APIStatusError)
+    response = httpx.Response(status, request=loops_request(what), json=body if body is not None else
+                              {"detail": message})
+    return cls(message, response, body)
+
+
+def bad_request(message: str, field: str | None = None) -> BadRequestError:
+    """``BadRequestError`` for input the shim refuses before it reaches loops; ``body`` names the field."""
+    return status_error(400, message, {"detail": message, "field": field})  # type: ignore[return-value]
 
 
 def translate(exc: BaseException) -> BaseException:
@@ -139,29 +168,24 @@ def translate(exc: BaseException) -> BaseException:
         return exc
     msg = str(exc)
     if isinstance(exc, le.InvalidRequestError):
-        status = exc.status_code or 400
-        cls = UnprocessableEntityError if status == 422 else BadRequestError
-        return cls(msg, status_code=status, field=exc.field)
+        return status_error(exc.status_code or 400, msg, {"detail": msg, "field": exc.field})
     if isinstance(exc, le.AuthenticationError):
-        return AuthenticationError(msg, status_code=401)
+        return status_error(401, msg)
     if isinstance(exc, le.APITimeoutError):
-        return APITimeoutError(msg)
+        return APITimeoutError(loops_request())
     if isinstance(exc, le.APIConnectionError):
-        return APIConnectionError(msg)
+        return APIConnectionError(loops_request(), msg)
     if isinstance(exc, le.APIStatusError):
-        code = exc.status_code
-        cls = _BY_STATUS.get(code) or (InternalServerError if code >= 500 else APIStatusError)
-        return cls(msg, status_code=code, body=exc.body)
+        return status_error(exc.status_code, msg, exc.body)
     if isinstance(exc, le.ServerShutdownError):
-        return InternalServerError(msg, status_code=503)
+        return status_error(503, msg)
     if isinstance(exc, le.RemoteOpError):
-        category = "user" if exc.error_class in _USER_ERRORS else "server"
-        return RequestFailedError(msg, exc.operation_id or "", category, error_class=exc.error_class,
-                                  operation_id=exc.operation_id, operation=exc.operation)
+        category = RequestErrorCategory.User if exc.error_class in _USER_ERRORS else RequestErrorCategory.Server
+        return RequestFailedError(msg, exc.operation_id or "", category)
     if isinstance(exc, le.UnknownRequestError):
-        return RequestFailedError(msg, exc.operation_id, "server", operation_id=exc.operation_id)
+        return RequestFailedError(msg, exc.operation_id or "", RequestErrorCategory.Server)
     if isinstance(exc, le.SamplerVersionError):
-        return RequestFailedError(msg, "", "server")
+        return RequestFailedError(msg, "", RequestErrorCategory.Server)
     return exc
 
 

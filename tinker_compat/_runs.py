@@ -1,10 +1,10 @@
 """What Tinker's REST API knows about runs that loops does not keep: their ``user_metadata``.
 
-A run created through the shim gets a record ``$LOOPS_HOME/runs/<run_id>/tinker_run.json`` (base
-model, LoRA rank, the ``train_*`` flags, ``user_metadata``, per-checkpoint metadata). On the fake
-and local backends that is the directory that holds the run's checkpoints; on remote backends
-(baseten, modal) the checkpoints live remotely and the record stays on the machine that created
-the run, so ``RestClient.get_training_run*`` finds the metadata only there.
+A run created through the shim gets a record ``$LOOPS_HOME/tinker_runs/<run_id>.json`` (base
+model, LoRA rank, the ``train_*`` flags, ``user_metadata``, per-checkpoint metadata): the shim's
+own file, beside (never inside) loops' checkpoint store. The record stays on the machine that
+created the run, so ``RestClient.get_training_run*`` finds the metadata only there; checkpoints
+themselves come from loops' public listing (``ServiceClient.list_checkpoints``).
 
 Also here: loops checkpoint URIs and records in Tinker's shape (``tinker://`` paths).
 """
@@ -19,23 +19,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from loops_core.checkpoints import loops_home, parse_uri
+from loops_core.checkpoints import loops_home
 from loops_core.types import Checkpoint as LoopsCheckpoint
 
 from . import types
 
-RECORD = "tinker_run.json"
+RECORDS = "tinker_runs"
 _lock = threading.Lock()
 
 
-def to_tinker_path(path: str | None) -> str | None:
-    """``loops://run/kind/name`` (or ``bt://loops:...``) as ``tinker://run/kind/name``; others unchanged."""
-    parsed = parse_uri(path) if path else None
-    return f"tinker://{parsed[0]}/{parsed[1]}/{parsed[2]}" if parsed else path
-
-
 def record_path(run_id: str) -> Path:
-    return loops_home() / "runs" / run_id / RECORD
+    return loops_home() / RECORDS / f"{run_id}.json"
 
 
 def read_run(run_id: str) -> dict[str, Any] | None:
@@ -65,7 +59,7 @@ def forget_checkpoint(run_id: str, key: str) -> None:
 def _write(run_id: str, record: dict[str, Any]) -> None:
     p = record_path(run_id)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{RECORD}.{uuid.uuid4().hex[:8]}")
+    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, p)
 

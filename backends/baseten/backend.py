@@ -96,7 +96,7 @@ class BasetenBackend(Backend):
         if not url:
             raise APIStatusError(f"the control plane returned no URL for the {what} (it is not routable yet)",
                                  status_code=200)
-        return Endpoint(url=url.rstrip("/"), headers={"X-Baseten-Accept-Error": "1", **ids}, api_key=self._api_key)
+        return Endpoint(url=url.rstrip("/"), headers={"X-Baseten-Accept-Error": "1", **ids}, api_key=self._api_key, api_key_env=ENV_API_KEY)
 
     async def create_trainer(self, base_model: str, *, rank: int, seed: int | None, ready_timeout: float,
                              max_seq_len: int | None = None) -> TrainerHandle:

@@ -10,17 +10,28 @@ provisions real trainer and sampler servers behind a gateway (``emulator_deploym
     POST /v1/loops/sessions                          {"session": {"id"}}
     POST /v1/loops/trainers                          {"run": {"id", "base_model", "base_url", "deployment_id", ...}}
     POST /v1/loops/samplers                          {"sampler": {"id", "base_url", "model_id", "deployment_id"}}
+    POST /v1/loops/debug/{trainers,samplers}         the same, plus "scope" and "debug_version" (internal)
+    GET  /v1/teams                                   {"teams": [{"id", "name"}]}
+    *    /v1/teams/{team_id}/loops/...               the create routes above, in that team (404: no such team)
     GET  /v1/loops/deployments/{id}                  {"deployment": {"status": {"name"}}}
     GET  /v1/models/{model_id}/deployments/{id}      {"status": "ACTIVE" | "SCALED_TO_ZERO" | ...}
     GET  /v1/loops/capabilities                      {"supported_models": [...]}
     GET  /v1/loops/checkpoints?run_id=|checkpoint_path=   {"checkpoints": [...]}
     GET  /v1/loops/checkpoints/{id}/files            {"presigned_urls", "next_page_token", "total_count"}
+    GET  /v1/loops/checkpoints/{id}/source           {"source": {"kind": "s3"}}
+    POST /v1/loops/checkpoints/validate              {checkpoint_path, run_id} -> 200 | 400 | 404
     *    /gw/{deployment_id}/sync/...                the trainer or sampler server;  POST /gw/{id}/wake
     GET  /_files?...&expires=&signature=             presigned file download (no API key)
-    POST /_emulator/faults, /_emulator/deployments/{id}; GET /_emulator/state     test controls
+    POST /_emulator/faults, /_emulator/deployments/{id}; GET /_emulator/state[?requests=N]  test controls
 
 Every route but ``/_files`` needs ``Authorization: Api-Key <key>``: 401 without it, 403 for a wrong
 key. Checkpoints come from the ``LOOPS_HOME`` store that the servers write.
+
+Only the base models in ``models`` (``--model``, repeatable; default ``loops/tiny-qwen3``) are
+provisioned: any other is a 400 naming the supported ones, as ``GET /v1/loops/capabilities`` lists
+them. A sampler or trainer made through the debug route with ``scope: "serverless"`` is serverless:
+``model_id`` / ``deployment_id`` null, a sampler answering ``/sample`` through the Loops queue
+(``emulator_serverless``), every request naming its run or sampler (400 from the gateway otherwise).
 """
 
 from __future__ import annotations
@@ -49,9 +60,14 @@ from loops_core.server.http import guarded, json_body
 from .emulator_checkpoints import CheckpointRoutes
 from .emulator_deployments import Deployment, FakeProvisioner, LocalProvisioner
 from .emulator_faults import Faults, base_url, error
+from .emulator_gateway import gateway
+from .emulator_serverless import SampleQueue
 from .models import SCALED_TO_ZERO
 
 SUPPORTED_MODELS = [{"model_name": "loops/tiny-qwen3", "max_context_length": 2048}]
+TEAMS = ({"id": "team-emulator-default", "name": "default"}, {"id": "team-emulator-loops", "name": "loops-emulator"})
+TRAINER_SCOPES = ("default", "serverless", "team", "deployment")
+SAMPLER_SCOPES = ("default", "serverless", "deployment")
 
 
 class Emulator:
@@ -60,13 +76,16 @@ class Emulator:
 
     def __init__(self, *, api_key: str = "emulator-key", engine: str = "fake", host: str = "127.0.0.1",
                  port: int = 0, faults: Faults | None = None, url_ttl_s: float = 3600.0,
-                 store: CheckpointStore | None = None, server_engine: str = "local", sampler_engine: str = "auto"):
+                 store: CheckpointStore | None = None, server_engine: str = "local", sampler_engine: str = "auto",
+                 models: list[str] | None = None, teams: tuple[dict[str, str], ...] = TEAMS):
         if engine not in ("fake", "local"):
             raise ValueError(f"engine must be 'fake' or 'local', got {engine!r}")
         self.api_key = api_key
         self.host, self.port = host, port
         self.faults = faults or Faults()
         self.url_ttl_s = url_ttl_s
+        self.models = [{"model_name": m, "max_context_length": 2048} for m in models] if models else SUPPORTED_MODELS
+        self.teams = list(teams)
         self.store = store or CheckpointStore()
         self.provisioner = FakeProvisioner(self.store) if engine == "fake" else \
             LocalProvisioner(server_engine=server_engine, sampler_engine=sampler_engine)
@@ -83,10 +102,15 @@ class Emulator:
             Route("/v1/loops/sessions", self._create_session, methods=["POST"]),
             Route("/v1/loops/trainers", self._create_trainer, methods=["POST"]),
             Route("/v1/loops/samplers", self._create_sampler, methods=["POST"]),
+            Route("/v1/loops/debug/trainers", self._create_trainer, methods=["POST"]),
+            Route("/v1/loops/debug/samplers", self._create_sampler, methods=["POST"]),
+            Route("/v1/teams", self._list_teams, methods=["GET"]),
             Route("/v1/loops/deployments/{dep_id}", self._trainer_status, methods=["GET"]),
             Route("/v1/models/{model_id}/deployments/{dep_id}", self._sampler_status, methods=["GET"]),
             Route("/v1/loops/capabilities", self._capabilities, methods=["GET"]),
             Route("/v1/loops/checkpoints", self.checkpoints.list, methods=["GET"]),
+            Route("/v1/loops/checkpoints/validate", self.checkpoints.validate, methods=["POST"]),
+            Route("/v1/loops/checkpoints/{cid:path}/source", self.checkpoints.source, methods=["GET"]),
             Route("/v1/loops/checkpoints/{cid:path}/files", self.checkpoints.files, methods=["GET"]),
             Route("/_files", self.checkpoints.download, methods=["GET"]),
             Route("/_emulator/faults", self._set_faults, methods=["POST"]),
@@ -103,7 +127,8 @@ class Emulator:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         record = {"method": scope["method"], "path": path, "query": scope["query_string"].decode(),
                   "auth_scheme": headers.get("authorization", "").partition(" ")[0],
-                  **{k: headers.get(k) for k in ("user-agent", "x-baseten-accept-error", "x-run-id", "x-sampler-id")}}
+                  **{k: headers.get(k) for k in ("user-agent", "x-baseten-accept-error", "x-run-id", "x-sampler-id",
+                                                 "idempotency-key", "x-checkpoint-path", "x-min-policy-version")}}
         self.requests.append(record)
         scope.setdefault("state", {})["record"] = record
         if path != "/_files":
@@ -111,7 +136,16 @@ class Emulator:
             if denied is not None:
                 return await denied(scope, receive, send)
         if path.startswith("/gw/"):
-            return await self._gateway(scope, receive, send, headers)
+            return await gateway(self, scope, receive, send, headers)
+        if path.startswith("/v1/teams/"):
+            _, _, _, team_id, *rest = path.split("/", 4)
+            if not any(t["id"] == team_id for t in self.teams):
+                return await error(404, f"team {team_id!r} not found: GET /v1/teams lists them")(scope, receive, send)
+            if not rest or not rest[0].startswith("loops/"):
+                return await error(404, f"no route {path!r}")(scope, receive, send)
+            record["team_id"] = team_id
+            path = "/v1/" + rest[0]
+            scope = {**scope, "path": path, "raw_path": path.encode()}
         if path.startswith("/v1/") and (status := self.faults.take_burst()):
             return await error(status, f"injected fault: HTTP {status}")(scope, receive, send)
         await self._routes(scope, receive, send)
@@ -124,34 +158,6 @@ class Emulator:
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             return error(403, "the API key is not valid for this workspace", source=source)
         return None
-
-    async def _gateway(self, scope: dict, receive: Any, send: Any, headers: dict[str, str]) -> None:
-        _, _, dep_id, *rest = scope["path"].split("/", 4)
-        dep = self.deployments.get(dep_id)
-        action = rest[0] if rest else ""
-        run_id, sampler_id = headers.get("x-run-id"), headers.get("x-sampler-id")
-        if dep is None:
-            response = error(404, f"no deployment {dep_id!r}", source="06")
-        elif run_id and sampler_id:
-            response = error(400, "name either X-Run-Id or X-Sampler-Id, not both", source="06")
-        elif (run_id and run_id != dep.run_id) or (sampler_id and sampler_id != dep.sampler_id):
-            response = error(403, "the X-Run-Id / X-Sampler-Id header does not match this deployment", source="06")
-        elif action == "wake" and scope["method"] == "POST":
-            response = JSONResponse({"status": "waking" if dep.wake() else "awake"}, status_code=202)
-        elif action != "sync":
-            response = error(404, f"unknown gateway route {scope['path']!r}", source="06")
-        elif dep.shutting_down or dep.terminal:
-            response = error(503, f"deployment {dep.id} is shutting down ({dep.status()})")
-        elif dep.status() != "ACTIVE" or dep.app is None:
-            response = error(502, f"deployment {dep.id} is not ready ({dep.status()})")
-        else:
-            sub = "/" + (rest[1] if len(rest) > 1 else "")
-            if sub == "/health":
-                dep.health_hits += 1
-            prefix = f"/gw/{dep_id}/sync"
-            inner = {**scope, "path": sub, "raw_path": sub.encode(), "root_path": scope.get("root_path", "") + prefix}
-            return await dep.app(inner, receive, send)
-        await response(scope, receive, send)
 
     # ---- sessions and provisioning -------------------------------------------------------------
     async def _body(self, request: Request) -> dict[str, Any]:
@@ -178,7 +184,8 @@ class Emulator:
     async def _create_trainer(self, request: Request) -> Response:
         body = await self._body(request)
         session = self._session(body)
-        base_model = _text(body, "base_model")
+        base_model = self._supported(_text(body, "base_model"))
+        serverless = self._scope(request, body, TRAINER_SCOPES) == "serverless"
         rank = _int(body, "lora_rank")
         _int(body, "replicas", 1)  # validated; the emulator runs one replica whatever was asked
         _int(body, "max_seq_len", None)
@@ -196,10 +203,11 @@ class Emulator:
             return JSONResponse({"run": self._run_json(request, reuse)})
         run_id = f"run-{uuid.uuid4().hex[:12]}"
         trainer = Deployment("trainer", base_model, run_id=run_id, final=self.faults.fail_trainers or "ACTIVE",
-                             pending=self.faults.pending())
-        sampler = self._new_sampler(base_model, run_id=run_id, sampler_id=f"smp-{uuid.uuid4().hex[:12]}")
+                             pending=self.faults.pending(), serverless=serverless)
+        sampler = self._new_sampler(base_model, run_id=run_id, sampler_id=f"smp-{uuid.uuid4().hex[:12]}",
+                                    serverless=serverless or self.faults.serverless_samplers)
         run = {"id": run_id, "session_id": session["id"], "base_model": base_model, "trainer": trainer.id,
-               "sampler": sampler.id, "sampler_id": sampler.sampler_id,
+               "sampler": sampler.id, "sampler_id": sampler.sampler_id, "serverless": serverless,
                "training_project_id": body.get("training_project_id") or session["training_project_id"]}
         self.deployments[trainer.id] = trainer
         self.runs[run_id] = run
@@ -227,16 +235,42 @@ class Emulator:
         return run
 
     def _run_json(self, request: Request, run: dict[str, Any]) -> dict[str, Any]:
-        return {"id": run["id"], "base_model": run["base_model"], "deployment_id": run["trainer"],
+        return {"id": run["id"], "base_model": run["base_model"],
+                "deployment_id": None if run.get("serverless") else run["trainer"],
                 "base_url": f"{base_url(request)}/gw/{run['trainer']}/sync", "base_checkpoint": None,
                 "session_id": run["session_id"], "training_project_id": run["training_project_id"]}
 
-    def _new_sampler(self, base_model: str, *, run_id: str | None = None, sampler_id: str | None = None) -> Deployment:
+    def _new_sampler(self, base_model: str, *, run_id: str | None = None, sampler_id: str | None = None,
+                     serverless: bool = False) -> Deployment:
         dep = Deployment("sampler", base_model, run_id=run_id, sampler_id=sampler_id or f"smp-{uuid.uuid4().hex[:12]}",
-                         model_id=f"mdl-{uuid.uuid4().hex[:8]}", final=self.faults.fail_samplers or "ACTIVE",
-                         pending=self.faults.pending(), override=SCALED_TO_ZERO if self.faults.scaled_to_zero else None)
+                         model_id=None if serverless else f"mdl-{uuid.uuid4().hex[:8]}",
+                         final=self.faults.fail_samplers or "ACTIVE", pending=self.faults.pending(),
+                         override=SCALED_TO_ZERO if self.faults.scaled_to_zero and not serverless else None)
+        if serverless:
+            dep.serverless = True
+            dep.queue = SampleQueue(dep, self.faults)
         self.deployments[dep.id] = dep
         return dep
+
+    def _supported(self, base_model: str) -> str:
+        names = [m["model_name"] for m in self.models]
+        if base_model not in names:
+            raise InvalidRequestError(f"base_model {base_model!r} is not supported here; supported models: "
+                                      f"{', '.join(names)} (GET /v1/loops/capabilities)", field="base_model")
+        return base_model
+
+    def _scope(self, request: Request, body: dict[str, Any], allowed: tuple[str, ...]) -> str:
+        """The debug route's ``scope`` (the plain route has none: ``default``)."""
+        if "/debug/" not in request.url.path:
+            return "default"
+        request.state.record["debug_version"] = body.get("debug_version")
+        scope = body.get("scope", "default")
+        if scope not in allowed:
+            raise InvalidRequestError(f"scope must be one of {list(allowed)}, got {scope!r}", field="scope")
+        return scope
+
+    async def _list_teams(self, request: Request) -> Response:
+        return JSONResponse({"teams": self.teams})
 
     async def _provision(self, dep: Deployment, work: Any, *also: Deployment) -> None:
         """Run the provisioner: inline when it is instant (fake), else in the background, the
@@ -261,6 +295,7 @@ class Emulator:
     async def _create_sampler(self, request: Request) -> Response:
         body = await self._body(request)
         self._session(body)
+        serverless = self._scope(request, body, SAMPLER_SCOPES) == "serverless" or self.faults.serverless_samplers
         if body.get("run_id"):
             run = self.runs.get(str(body["run_id"]))
             if run is None:
@@ -275,11 +310,12 @@ class Emulator:
                 if not base_model:
                     raise InvalidRequestError(f"{path!r} does not record its base model", field="model_path")
             else:
-                base_model = _text(body, "base_model")
-            dep = self._new_sampler(base_model)
+                base_model = self._supported(_text(body, "base_model"))
+            dep = self._new_sampler(base_model, serverless=serverless)
             await self._provision(dep, self.provisioner.sampler(dep))
         return JSONResponse({"sampler": {"id": dep.sampler_id, "base_url": f"{base_url(request)}/gw/{dep.id}/sync",
-                                         "model_id": dep.model_id, "deployment_id": dep.id,
+                                         "model_id": dep.model_id,
+                                         "deployment_id": None if dep.serverless else dep.id,
                                          "base_model": dep.base_model, "base_checkpoint": None}})
 
     def _deployment(self, dep_id: str) -> Deployment:
@@ -303,7 +339,7 @@ class Emulator:
         return JSONResponse({"id": dep.id, "model_id": dep.model_id, "status": dep.status(consume=True)})
 
     async def _capabilities(self, request: Request) -> Response:
-        return JSONResponse({"supported_models": SUPPORTED_MODELS})
+        return JSONResponse({"supported_models": self.models})
 
     # ---- test controls -------------------------------------------------------------------------
     @guarded
@@ -331,7 +367,9 @@ class Emulator:
             "sessions": list(self.sessions.values()), "runs": list(self.runs.values()), "faults": self.faults.as_dict(),
             "deployments": [{"id": d.id, "kind": d.kind, "run_id": d.run_id, "sampler_id": d.sampler_id,
                              "status": d.status(), "health_hits": d.health_hits, "status_polls": d.status_polls,
-                             "shutting_down": d.shutting_down} for d in self.deployments.values()]})
+                             "shutting_down": d.shutting_down} for d in self.deployments.values()],
+            "requests": list(self.requests)[-int(request.query_params.get("requests", 0) or 0):]
+            if request.query_params.get("requests") else []})
 
     # ---- running -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -409,16 +447,22 @@ def cli_main(argv: list[str]) -> int:
                    help="the key clients must send (default: LOOPS_EMULATOR_API_KEY, else a random one)")
     p.add_argument("--provisioning-polls", type=int, default=0, help="fault: report BUILDING/DEPLOYING this long")
     p.add_argument("--scaled-to-zero", action="store_true", help="fault: new samplers start scaled to zero")
+    p.add_argument("--serverless-samplers", action="store_true",
+                   help="every new sampler is serverless (the Loops queue answers /sample with 202)")
+    p.add_argument("--model", action="append", default=None,
+                   help="a base model to support (repeatable; default loops/tiny-qwen3)")
     args = p.parse_args(argv)
     from loops_core.server.run import Listener, serve
 
     key = args.api_key or f"emu-{secrets.token_hex(12)}"
-    emu = Emulator(api_key=key, engine=args.engine, sampler_engine=args.sampler_engine,
-                   faults=Faults(provisioning_polls=args.provisioning_polls, scaled_to_zero=args.scaled_to_zero))
+    emu = Emulator(api_key=key, engine=args.engine, sampler_engine=args.sampler_engine, models=args.model,
+                   faults=Faults(provisioning_polls=args.provisioning_polls, scaled_to_zero=args.scaled_to_zero,
+                                 serverless_samplers=args.serverless_samplers))
 
     def ready(listeners: list[Listener]) -> None:
         url = listeners[0].url
-        print(f"Baseten control-plane emulator (engine: {args.engine}) on {url}\n"
+        models = ", ".join(m["model_name"] for m in emu.models)
+        print(f"Baseten control-plane emulator (engine: {args.engine}; models: {models}) on {url}\n"
               f"export LOOPS_BACKEND=baseten\nexport LOOPS_BASE_URL={url}\nexport BASETEN_API_KEY={key}", flush=True)
 
     serve([Listener("emulator", emu, args.host, args.port)], on_ready=ready)

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from loops_core.checkpoints import read_meta
 from loops_core.errors import InvalidRequestError, NotFoundError
-from loops_core.server.http import guarded
+from loops_core.server.http import guarded, json_body
 
 from .emulator_faults import base_url, error
 
@@ -58,6 +58,24 @@ class CheckpointRoutes:
                                "signature": self._sign(cid, f.relative_file_name, expires)})
             f.url = f"{base_url(request)}/_files?{query}"
         return JSONResponse(page.model_dump(mode="json"))
+
+    @guarded
+    async def source(self, request: Request) -> Response:
+        """Where the files come from: always presigned URLs here (the real service may name a volume)."""
+        self.emu.store.get(request.path_params["cid"])  # 404 for an unknown id
+        return JSONResponse({"source": {"kind": "s3"}})
+
+    @guarded
+    async def validate(self, request: Request) -> Response:
+        """``POST /v1/loops/checkpoints/validate {checkpoint_path, run_id}``: 200 when the path names a
+        checkpoint this key can read, 400 when it is malformed, 404 when there is none."""
+        body = await json_body(request)
+        path = body.get("checkpoint_path") if isinstance(body, dict) else None
+        if not isinstance(path, str) or not path:
+            raise InvalidRequestError("checkpoint_path is required (a bt://loops:<run>/... path)",
+                                      field="checkpoint_path")
+        meta = read_meta(self.emu.store.resolve(path))
+        return JSONResponse({"valid": True, "checkpoint": meta})
 
     def _sign(self, cid: str, name: str, expires: int) -> str:
         return hmac.new(self._secret, f"{cid}\n{name}\n{expires}".encode(), hashlib.sha256).hexdigest()

@@ -45,6 +45,8 @@ class Deployment:
     status_polls: int = 0
     health_hits: int = 0
     closer: Callable[[], Any] | None = None
+    serverless: bool = False           # no deployment of its own to report: model_id / deployment_id null
+    queue: Any = None                  # a serverless sampler's SampleQueue (emulator_serverless)
 
     def status(self, *, consume: bool = False) -> str:
         if consume:
@@ -71,6 +73,8 @@ class Deployment:
         return True
 
     async def close(self) -> None:
+        if self.queue is not None:
+            self.queue.close()
         closer, self.closer = self.closer, None
         if closer is not None:
             result = closer()

@@ -1,4 +1,4 @@
-"""The eight losses of ``loops_core.losses``, as pure functions on tensors.
+"""The nine losses of ``loops_core.losses``, as pure functions on tensors.
 
 Each function takes the trainer's logprobs of one packed micro-batch plus the datums' inputs,
 flattened the same way (:class:`LossInputs`), and returns the summed loss (a differentiable scalar)
@@ -16,6 +16,8 @@ Metric conventions (not fixed by the table, chosen here):
   ``[clip_low, clip_high]``.
 * ``margin:mean`` is the mean over pairs of the beta-scaled margin ``m``; ``accuracy:mean`` the
   fraction of pairs with ``m > 0``.
+* dppo's ``mask_fraction:mean`` is the fraction of active positions its trust region drops
+  (``M_t = 1``).
 * gspo's ``ratio:mean`` / ``clip_fraction:mean`` count datums (one sequence ratio each, over the
   datums whose mask covers at least one position); stable_reinforce's ``sampler_kl:mean`` is the
   mean of ``r - 1 - log r`` over active positions.
@@ -165,6 +167,23 @@ def dpo(b: LossInputs, config: dict[str, float]) -> LossOutput:
                              "margin:mean": (m.detach().sum(), pairs)})
 
 
+def dppo(b: LossInputs, config: dict[str, float]) -> LossOutput:
+    """sum_t w_t (-(1 - M_t) adv_tau A_t r_t + kl_tau (lp_t - q_t)^2), where the mask M_t drops a
+    token whose probability moved past the bound in its advantage's direction:
+    d_t = exp(lp_t) - exp(q_t) > dppo_mask_high when A_t > 0, d_t < -dppo_mask_low otherwise.
+    M_t is a constant; the gradient flows through r_t and the squared log-ratio."""
+    lp, q, adv, w, active = _rl_terms(b)
+    log_r = torch.where(active, lp - q, torch.zeros_like(lp))
+    r = torch.exp(log_r)
+    with torch.no_grad():
+        moved = torch.exp(lp) - torch.exp(q)
+        masked = torch.where(adv > 0, moved > config["dppo_mask_high"], moved < -config["dppo_mask_low"]) & active
+    keep = (~masked & active).to(lp.dtype)
+    loss = (w * (-keep * config["adv_tau"] * adv * r + config["kl_tau"] * log_r ** 2)).sum()
+    return LossOutput(loss, {**_base_stats(b, loss), **_ratio_stats(r, active),
+                             "mask_fraction:mean": (_count(masked), _count(active))})
+
+
 def gspo(b: LossInputs, config: dict[str, float]) -> LossOutput:
     """Per datum s = exp(sum_t M_t (lp_t - q_t) / n), n = sum_t M_t (s = 1 when n = 0);
     sum_t -w_t min(s A_t, clip(s, lo, hi) A_t). The gradient reaches every masked lp_t through s."""
@@ -206,6 +225,7 @@ LOSS_FUNCTIONS = {
     "cispo": cispo,
     "dro": dro,
     "dpo": dpo,
+    "dppo": dppo,
     "gspo": gspo,
     "stable_reinforce": stable_reinforce,
 }

@@ -48,6 +48,7 @@ from ..checkpoints import CheckpointStore, parse_uri
 from ..engine import GenerationRequest, SamplerEngine
 from ..errors import InvalidRequestError
 from .stats import stats_route
+from .incarnation import IncarnationMiddleware
 from .http import ApiKeyMiddleware, error_response, guarded, json_body
 
 DEFAULT_MAX_TOKENS = 16  # as vLLM's completions endpoint
@@ -93,7 +94,7 @@ class SamplerServer:
             Route("/health", self._health, methods=["GET"]),
             Route("/stats", stats_route, methods=["GET"]),
         ]
-        self.app = ApiKeyMiddleware(Starlette(routes=routes), api_key)
+        self.app = IncarnationMiddleware(ApiKeyMiddleware(Starlette(routes=routes), api_key))
 
     def live_version(self, run: str | None) -> int:
         a = self.live.get(run)

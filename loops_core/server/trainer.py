@@ -50,6 +50,7 @@ from ..errors import InvalidRequestError, NotFoundError
 from ..losses import validate_batch
 from ..types import AdamParams, Datum
 from .stats import stats_route
+from .incarnation import IncarnationMiddleware
 from .http import ApiKeyMiddleware, error_response, guarded, json_body, pydantic_message
 from .operations import OperationQueue
 from .runs import Run
@@ -105,7 +106,7 @@ class TrainerServer:
             Route("/checkpoint_files", self._checkpoint_files, methods=["GET"]),
             Route("/stats", stats_route, methods=["GET"]),
         ]
-        self.app = ApiKeyMiddleware(Starlette(routes=routes), api_key)
+        self.app = IncarnationMiddleware(ApiKeyMiddleware(Starlette(routes=routes), api_key))
 
     @property
     def policy_version(self) -> int:

@@ -94,7 +94,7 @@ def service(backend_name: str) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def capabilities(service: Any) -> frozenset[str]:
-    return service._backend.capabilities
+    return service.backend.capabilities
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from ._base import Request
 from .model_input import ModelInput
 from .tensor import DType, TensorData
 
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "dpo", "gspo",
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "dpo", "dppo", "gspo",
                      "stable_reinforce"]
 
 # The dtype a plain list gets when a Datum is built from it, by key name (as in Tinker).

@@ -56,6 +56,8 @@ class SampledSequence(Response):
     stop_reason: StopReason = "length"
     text: str | None = None
     sequence_id: str | None = None
+    # With topk_sample_logprobs=k: per sampled token, the k most likely (token id, logprob).
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class SampleResponse(Response):
@@ -66,6 +68,10 @@ class SampleResponse(Response):
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    # With target_prompt_logprobs: the logprob of each requested id, [len(prompt) - 1, K], 0.0 for -1.
+    target_prompt_logprobs: list[list[float]] | None = None
+    # Prompt tokens the sampler did not recompute (a prefix-cache hit); 0 when nothing was cached.
+    prompt_cache_hit_tokens: int = 0
 
 
 SampleResult = SampleResponse

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from loops_core import AdamParams, Checkpoint, CheckpointFilesResponse, InvalidRequestError
+from loops_core import AdamParams, Checkpoint, CheckpointFilesResponse, InvalidRequestError, LoopsError
 from loops_core.testing.contract.data import france, logprobs_of, sft_datum
+from loops_core.testing.plugin import CONTRACT_RANK
 
 LR = AdamParams(learning_rate=2e-2, grad_clip_norm=1.0, weight_decay=0.01)
 
@@ -106,3 +107,36 @@ def test_resume_with_optimizer_matches_uninterrupted_run(tc):
     assert asyncio.run(run()) is not None
     assert all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(first + rest, straight)), (
         first + rest, straight)
+
+
+def test_training_client_from_state(tc, service):
+    datum = sft_datum(*france(tc.get_tokenizer()))
+    tc.forward_backward([datum]).result(timeout=600)
+    tc.optim_step(LR).result(timeout=600)
+    saved = tc.save_state("from-state").result(timeout=600)
+    at_save = logprobs_of(tc.forward([datum]).result(timeout=600))
+    model = tc.get_info().model_name
+    restored = service.create_training_client_from_state(saved.path, base_model=model, rank=CONTRACT_RANK)
+    assert logprobs_of(restored.forward([datum]).result(timeout=600)) == pytest.approx(at_save, nan_ok=True, rel=1e-5)
+
+    async def run():
+        return await service.create_training_client_from_state_async(saved.path, base_model=model, rank=CONTRACT_RANK,
+                                                                      with_optimizer=True)
+
+    resumed = asyncio.run(run())
+    assert logprobs_of(resumed.forward([datum]).result(timeout=600)) == pytest.approx(at_save, nan_ok=True, rel=1e-5)
+
+
+@pytest.mark.requires("checkpoint_delete")
+def test_delete_checkpoint(tc, service):
+    saved = tc.save_state("doomed").result(timeout=600)
+    doomed = [c for c in tc.list_checkpoints() if c.checkpoint_id == "doomed"]
+    assert doomed and saved.path
+    service.delete_checkpoint(doomed[0].id)
+    assert not [c for c in tc.list_checkpoints() if c.checkpoint_id == "doomed"]
+    with pytest.raises(LoopsError):
+        tc.load_state(saved.path).result(timeout=600)
+    tc.save_state("doomed-2").result(timeout=600)
+    again = [c for c in tc.list_checkpoints() if c.checkpoint_id == "doomed-2"]
+    asyncio.run(service.delete_checkpoint_async(again[0].id))
+    assert not [c for c in tc.list_checkpoints() if c.checkpoint_id == "doomed-2"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import pickle
 
@@ -80,6 +81,26 @@ def test_sample_features(tc, pair):
     assert len(row) == 3 and [lp for _, lp in row] == sorted((lp for _, lp in row), reverse=True)
 
 
+def test_sampled_topk_target_logprobs_and_cache_hits(tc, pair):
+    """The response fields Tinker code reads are computed, not defaulted."""
+    prompt, _ = pair
+    sc = tc.save_weights_and_get_sampling_client(name="fields").result(timeout=600)
+    p = ModelInput.from_ints(prompt)
+    out = sc.sample(p, 1, GREEDY, topk_sample_logprobs=3)
+    seq = out.sequences[0]
+    assert seq.topk_logprobs is not None and len(seq.topk_logprobs) == len(seq.tokens)
+    for token, lp, row in zip(seq.tokens, seq.logprobs, seq.topk_logprobs):
+        assert len(row) == 3 and [v for _, v in row] == sorted((v for _, v in row), reverse=True)
+        assert row[0][0] == token and row[0][1] == pytest.approx(lp, abs=1e-4), "greedy samples the top token"
+    assert isinstance(out.prompt_cache_hit_tokens, int) and 0 <= out.prompt_cache_hit_tokens < len(prompt)
+    targets = [[prompt[i + 1], -1] for i in range(len(prompt) - 1)]
+    scored = sc.sample(p, 1, GREEDY, include_prompt_logprobs=True, target_prompt_logprobs=targets)
+    got = scored.target_prompt_logprobs
+    assert got is not None and len(got) == len(prompt) - 1 and all(len(r) == 2 for r in got)
+    assert [r[0] for r in got] == pytest.approx(scored.prompt_logprobs[1:], abs=1e-4)
+    assert all(r[1] == 0.0 for r in got), "a -1 cell asks for nothing"
+
+
 def test_discovery_tokenizer_readiness_and_pickling(tc, pair):
     sc = tc.save_weights_and_get_sampling_client(name="disco").result(timeout=600)
     assert sc.discover_base_model_name()
@@ -87,7 +108,8 @@ def test_discovery_tokenizer_readiness_and_pickling(tc, pair):
     assert sc.get_base_model() == tc.get_info().model_name
     assert sc.get_tokenizer().decode(pair[0])
     assert sc.ensure_ready() is None
-    SamplingClient.ensure_ready_for_deployment(base_model=sc.get_base_model(), deployment=sc._endpoint,
+    assert asyncio.run(sc.ensure_ready_async(30.0)) is None
+    SamplingClient.ensure_ready_for_deployment(base_model=sc.get_base_model(), deployment=sc.endpoint,
                                                ready_timeout=30)
     clone = pickle.loads(pickle.dumps(sc))
     p = ModelInput.from_ints(pair[0])

@@ -23,7 +23,7 @@ SEED_SURFACE = {
                      "get_base_model", "get_tokenizer", "ensure_ready", "ensure_ready_for_deployment"],
 }
 # Blocking helpers the seed says have no *_async twin.
-NO_TWIN = {"health", "get_tokenizer", "get_info", "close", "aclose", "ensure_ready", "ensure_ready_for_deployment",
+NO_TWIN = {"health", "get_tokenizer", "get_info", "close", "aclose", "ensure_ready_for_deployment",
            "discover_base_model_name", "discover_adapter_name", "get_base_model", "local", "session_id", "run_id",
            "policy_version", "backend_name"}
 # Exercised outside the parametrized suite (they need a server of their own): tests/test_local_binding.py
@@ -43,7 +43,10 @@ def test_every_call_has_an_async_twin_with_the_same_parameters(cls):
             continue
         twin = getattr(cls, f"{name}_async", None)
         assert twin is not None, f"{cls.__name__}.{name} has no {name}_async"
-        assert list(inspect.signature(fn).parameters) == list(inspect.signature(twin).parameters), name
+        assert inspect.iscoroutinefunction(twin), f"{cls.__name__}.{name}_async is not awaitable"
+        # names, kinds, defaults and annotations all equal; and the same documentation
+        assert inspect.signature(fn) == inspect.signature(twin), name
+        assert fn.__doc__ == twin.__doc__ and fn.__doc__, name
 
 
 def _called_names() -> set[str]:

@@ -10,7 +10,9 @@ import pytest
 from loops_core import (AdamParams, Datum, ForwardBackwardOutput, FutureTimeoutError, GetInfoResponse,
                         InitTrainerServerResponse, LoopsError, ModelInput, OptimStepResponse, SamplingParams,
                         TensorData, UnknownRequestError)
+from loops_core.losses import resolve_config
 from loops_core.testing.contract.data import dpo_pair, france, logprobs_of, rl_datum, sft_datum
+from loops_core.testing.contract.reference_losses import dpo_loss, rl_loss
 
 LR = AdamParams(learning_rate=2e-2, grad_clip_norm=0.0)
 
@@ -125,20 +127,30 @@ def test_same_seed_same_bits(tc, pair):
 
 
 def test_every_loss_function(tc, pair):
+    """Each loss value equals the documented formula applied to the logprobs the trainer returns."""
     prompt, answer = pair
-    rl = rl_datum(prompt, answer, [-1.0] * len(answer), advantage=1.0)
+    # sampler logprobs off from the trainer's, so the ratios differ from 1 and the clips matter
+    rl = rl_datum(prompt, answer, [-0.5 - 0.3 * i for i in range(len(answer))], advantage=1.5)
     for loss_fn in ("importance_sampling", "ppo", "cispo", "dro"):
-        out = tc.forward_backward([rl], loss_fn).result(timeout=600)
-        assert math.isfinite(out.loss) and "loss:sum" in out.metrics, loss_fn
+        out = tc.forward([rl], loss_fn).result(timeout=600)
+        assert "loss:sum" in out.metrics, loss_fn
         assert len(logprobs_of(out)) == rl.model_input.length
-    out = tc.forward_backward(dpo_pair(prompt, answer, answer[::-1]), "dpo", {"beta": 0.1}).result(timeout=600)
+        expected = rl_loss(loss_fn, rl, logprobs_of(out), resolve_config(loss_fn, None))
+        assert out.loss == pytest.approx(expected, rel=1e-4, abs=1e-5), loss_fn
+        fb = tc.forward_backward([rl], loss_fn).result(timeout=600)
+        assert fb.loss == pytest.approx(out.loss, rel=1e-4, abs=1e-5), f"{loss_fn}: forward and backward disagree"
+    chosen, rejected = dpo_pair(prompt, answer, answer[::-1])
+    out = tc.forward_backward([chosen, rejected], "dpo", {"beta": 0.1}).result(timeout=600)
     assert "accuracy:mean" in out.metrics and len(out.loss_fn_outputs) == 2
+    expected = dpo_loss(chosen, rejected, logprobs_of(out, 0), logprobs_of(out, 1), resolve_config("dpo", {"beta": 0.1}))
+    assert out.loss == pytest.approx(expected, rel=1e-4, abs=1e-5)
     signed = sft_datum(prompt, answer)
     n = signed.model_input.length
     signed = Datum(model_input=signed.model_input, loss_fn_inputs={
         **signed.loss_fn_inputs, "weights": TensorData(data=[-0.5] * n, dtype="float32", shape=[n])})
     out = tc.forward_backward([signed]).result(timeout=600)
     assert out.loss < 0, "negative weights make the cross-entropy sum negative"
+    assert out.loss == pytest.approx(rl_loss("cross_entropy", signed, logprobs_of(out), {}), rel=1e-4)
 
 
 def test_forward_backward_custom_matches_cross_entropy(tc, pair):

@@ -9,12 +9,11 @@ Tinker, so ``isinstance`` checks keep passing.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
 from typing import Any, TypeVar
 
-from .api_future import APIFuture
+from .api_future import APIFuture, AwaitableConcurrentFuture  # noqa: F401 (Tinker's import path)
 
 C = TypeVar("C")
 
@@ -51,19 +50,13 @@ def add_forwarders(future_cls: type, client_cls: type) -> type:
 
 
 def _forward_method(name: str, fn: Any) -> Any:
-    if inspect.iscoroutinefunction(fn):
-        @functools.wraps(fn)
-        async def async_method(self: BackcompatClientFuture, *args: Any, **kwargs: Any) -> Any:
-            self._warn()
-            return await getattr(await self.result_async(), name)(*args, **kwargs)
-
-        return async_method
-
-    @functools.wraps(fn)
+    # (self, *args, **kwargs), as in Tinker: the client's own method checks the arguments.
     def method(self: BackcompatClientFuture, *args: Any, **kwargs: Any) -> Any:
         self._warn()
         return getattr(self._awaited_client(), name)(*args, **kwargs)
 
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"Deprecated: ``.result().{name}(...)``."
     return method
 
 

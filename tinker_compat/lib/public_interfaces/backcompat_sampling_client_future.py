@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .api_future import APIFuture  # noqa: F401 (Tinker's import path)
 from .backcompat_client_future import BackcompatClientFuture, add_forwarders
 from .sampling_client import SamplingClient
 

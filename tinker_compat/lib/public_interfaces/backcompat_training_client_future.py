@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from .api_future import APIFuture  # noqa: F401 (Tinker's import path)
 from .backcompat_client_future import BackcompatClientFuture, add_forwarders
+from .backcompat_sampling_client_future import BackcompatSamplingClientFuture  # noqa: F401
+from .sampling_client import SamplingClient  # noqa: F401
 from .training_client import TrainingClient
 
 

@@ -1,24 +1,27 @@
 """Tinker's ``RestClient``: runs and checkpoints, in Tinker's shapes, from loops' records.
 
 Runs come from the backend's checkpoint listing plus the shim's run record (``_runs``: base model,
-rank, ``user_metadata``). Deleting a checkpoint works where checkpoints are local directories
-(fake, local backends); elsewhere it raises ``BadRequestError``. ``get_external_weights_urls``
-returns the backend's file URLs for a checkpoint (``file://`` on fake and local).
+rank, ``user_metadata``). Deleting a checkpoint needs a public delete in loops_core
+(``ServiceClient.delete_checkpoint``); where there is none it raises ``BadRequestError``.
+``get_external_weights_urls`` returns the backend's file URLs for a checkpoint (``file://`` on fake
+and local; they do not expire). Tinker's account features (sessions, billing, audit log, projects,
+publishing, TTLs) raise ``NotImplementedError`` naming the reason.
 """
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import loops_core
-from loops_core.backend import LocalCheckpoints
-from loops_core.checkpoints import CheckpointStore, loops_home, parse_uri
+from loops_core.checkpoints import loops_home, parse_uri
 from loops_core.errors import InvalidRequestError, NotFoundError
 
+from ... import _convert as convert
 from ... import types
 from ..._exceptions import tinker_errors
-from ..._runs import RECORD, forget_checkpoint, read_run, to_tinker_checkpoint, training_run
-from .api_future import APIFuture, deprecated_async, run
+from ..._runs import RECORDS, forget_checkpoint, read_run, to_tinker_checkpoint, training_run
+from .api_future import APIFuture, AwaitableConcurrentFuture, deprecated_async, run, unsupported  # noqa: F401
 
 Scope = Literal["owned", "accessible"]
 
@@ -33,14 +36,23 @@ class RestClient:
 
     def _service(self) -> loops_core.ServiceClient:
         if self._holder is not None:
-            return self._holder.loops_client
+            return self._holder.holder
         if self._own is None:
             with tinker_errors():
                 self._own = loops_core.ServiceClient()
         return self._own
 
     def get_server_capabilities(self) -> APIFuture[types.GetServerCapabilitiesResponse]:
-        return run(APIFuture, self._service().get_server_capabilities_async())
+        service = self._service()
+
+        async def go() -> types.GetServerCapabilitiesResponse:
+            return convert.from_loops_capabilities(await service.get_server_capabilities_async())
+
+        return run(APIFuture, go())
+
+    def get_telemetry(self) -> None:
+        """loops sends no telemetry."""
+        return None
 
     # ---- runs --------------------------------------------------------------------------------------
     def get_training_run(self, training_run_id: types.ModelID,
@@ -76,9 +88,10 @@ class RestClient:
         service = self._service()
 
         async def go() -> types.TrainingRunsResponse:
-            records = sorted(loops_home().glob(f"runs/*/{RECORD}"), key=lambda p: p.stat().st_mtime, reverse=True)
-            runs = [await self._run(service, p.parent.name) for p in records[offset:offset + limit]]
-            return types.TrainingRunsResponse(training_runs=runs)
+            records = sorted((loops_home() / RECORDS).glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+            runs = [await self._run(service, p.stem) for p in records[offset:offset + limit]]
+            return types.TrainingRunsResponse(training_runs=runs, cursor=types.Cursor(
+                limit=limit, offset=offset, total_count=len(records)))
 
         return run(APIFuture, go())
 
@@ -100,7 +113,8 @@ class RestClient:
         async def go() -> types.ExternalWeightsUrlsResponse:
             run_id, kind, name = _parse(tinker_path)
             files = await service.get_checkpoint_archive_url_async(f"{run_id}/{kind}/{name}")
-            return types.ExternalWeightsUrlsResponse(urls={f.relative_file_name: f.url for f in files.presigned_urls})
+            return types.ExternalWeightsUrlsResponse(urls={f.relative_file_name: f.url for f in files.presigned_urls},
+                                                     expires=_NEVER)
 
         return run(APIFuture, go())
 
@@ -118,11 +132,58 @@ class RestClient:
         return run(APIFuture, go())
 
     async def _delete(self, service: loops_core.ServiceClient, run_id: str, checkpoint_id: str) -> None:
-        if not isinstance(getattr(service, "_backend", None), LocalCheckpoints):
-            raise InvalidRequestError(f"deleting checkpoints is not supported on the {service.backend_name!r} "
-                                      "backend", field="checkpoint_id")
-        CheckpointStore().delete(f"{run_id}/{checkpoint_id}")  # NotFoundError when absent
+        delete = getattr(service, "delete_checkpoint_async", None)  # not in loops_core's public API yet
+        if delete is None:
+            raise InvalidRequestError("deleting checkpoints needs loops_core.ServiceClient.delete_checkpoint, which "
+                                      "this loops version does not have", field="checkpoint_id")
+        await delete(f"{run_id}/{checkpoint_id}")  # NotFoundError when absent
         forget_checkpoint(run_id, checkpoint_id)
+
+    # ---- Tinker account features loops does not have ----------------------------------------------
+    def assign_session_project(self, session_id: str, project_id: str) -> Any:
+        raise unsupported("RestClient.assign_session_project", "loops has no projects")
+
+    def copy_weights(self, path: str, destination_project_id: str | None = None, *, ttl_seconds: int | None = None, weights_access_token: str | None = None) -> Any:
+        raise unsupported("RestClient.copy_weights", "loops has no projects to copy checkpoints between")
+
+    def export_session_trace(self, session_id: str) -> Any:
+        raise unsupported("RestClient.export_session_trace", "loops keeps no session traces")
+
+    def get_audit_log(self, event_type: str = "all", day: Any = None) -> Any:
+        raise unsupported("RestClient.get_audit_log", "loops keeps no audit log (admin)")
+
+    def get_billing_usage(self, starting_on: Any, ending_before: Any) -> Any:
+        raise unsupported("RestClient.get_billing_usage", "loops does no billing")
+
+    def get_current_checkpoint_storage_usage(self, project_id: str | None = None) -> Any:
+        raise unsupported("RestClient.get_current_checkpoint_storage_usage", "loops does no billing or storage accounting")
+
+    def get_sampler(self, sampler_id: str) -> Any:
+        raise unsupported("RestClient.get_sampler", "loops samplers are not Tinker sampling sessions; use the SamplingClient")
+
+    def get_session(self, session_id: str, access_scope: Scope = "owned") -> Any:
+        raise unsupported("RestClient.get_session", "loops keeps no server-side session records")
+
+    def list_sessions(self, limit: int = 20, offset: int = 0, access_scope: Scope = "owned") -> Any:
+        raise unsupported("RestClient.list_sessions", "loops keeps no server-side session records")
+
+    def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> Any:
+        raise unsupported("RestClient.list_user_checkpoints", "loops lists checkpoints per run; use list_checkpoints(run_id)")
+
+    def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> Any:
+        raise unsupported("RestClient.publish_checkpoint_from_tinker_path", "loops has no public checkpoint sharing")
+
+    def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> Any:
+        raise unsupported("RestClient.unpublish_checkpoint_from_tinker_path", "loops has no public checkpoint sharing")
+
+    def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str, ttl_seconds: int | None) -> Any:
+        raise unsupported("RestClient.set_checkpoint_ttl_from_tinker_path", "loops sets a checkpoint's TTL when it is saved (ttl_seconds), not after")
+
+    def search_sessions(self, request: Any) -> Any:
+        raise unsupported("RestClient.search_sessions", "loops keeps no server-side session records")
+
+    def whoami(self) -> Any:
+        raise unsupported("RestClient.whoami", "loops has no accounts")
 
     get_training_run_async = deprecated_async(get_training_run, returns_future=False)
     get_training_run_by_tinker_path_async = deprecated_async(get_training_run_by_tinker_path, returns_future=False)
@@ -132,6 +193,19 @@ class RestClient:
     delete_checkpoint_async = deprecated_async(delete_checkpoint, returns_future=False)
     delete_checkpoint_from_tinker_path_async = deprecated_async(delete_checkpoint_from_tinker_path,
                                                                 returns_future=False)
+    assign_session_project_async = deprecated_async(assign_session_project, returns_future=False)
+    copy_weights_async = deprecated_async(copy_weights, returns_future=False)
+    export_session_trace_async = deprecated_async(export_session_trace, returns_future=False)
+    get_audit_log_async = deprecated_async(get_audit_log, returns_future=False)
+    get_billing_usage_async = deprecated_async(get_billing_usage, returns_future=False)
+    get_current_checkpoint_storage_usage_async = deprecated_async(get_current_checkpoint_storage_usage, returns_future=False)
+    get_sampler_async = deprecated_async(get_sampler, returns_future=False)
+    get_session_async = deprecated_async(get_session, returns_future=False)
+    list_sessions_async = deprecated_async(list_sessions, returns_future=False)
+    publish_checkpoint_from_tinker_path_async = deprecated_async(publish_checkpoint_from_tinker_path, returns_future=False)
+    unpublish_checkpoint_from_tinker_path_async = deprecated_async(unpublish_checkpoint_from_tinker_path, returns_future=False)
+    set_checkpoint_ttl_from_tinker_path_async = deprecated_async(set_checkpoint_ttl_from_tinker_path, returns_future=False)
+    list_user_checkpoints_async = deprecated_async(list_user_checkpoints, returns_future=False)
 
 
 async def _checkpoints(service: loops_core.ServiceClient, run_id: str) -> list[loops_core.Checkpoint]:
@@ -139,6 +213,9 @@ async def _checkpoints(service: loops_core.ServiceClient, run_id: str) -> list[l
         return await service.list_checkpoints_async(run_id)
     except NotImplementedError:
         return []  # the backend keeps no listing: the run record alone describes the run
+
+
+_NEVER = datetime.max.replace(tzinfo=timezone.utc)  # loops' file URLs do not expire
 
 
 def _parse(path: str) -> tuple[str, str, str]:

@@ -17,9 +17,10 @@ from loops_core.checkpoints import parse_uri
 from loops_core.errors import InvalidRequestError, NotFoundError
 
 from ... import types
-from ..._exceptions import BadRequestError, tinker_errors
+from ..._exceptions import bad_request, tinker_errors
 from ..._runs import update_run
-from .api_future import APIFuture, deprecated_async, run, settle
+from .api_future import APIFuture, AwaitableConcurrentFuture, deprecated_async, run, settle, unsupported  # noqa: F401
+from .custom_loss import LossHandle, PerDatumLossFn  # noqa: F401 (Tinker's import path)
 from .backcompat_sampling_client_future import BackcompatSamplingClientFuture
 from .backcompat_training_client_future import BackcompatTrainingClientFuture
 from .rest_client import RestClient
@@ -46,12 +47,27 @@ class ServiceClient:
             self._client = loops_core.ServiceClient(project_id or os.environ.get("TINKER_PROJECT_ID") or None)
 
     @property
-    def loops_client(self) -> loops_core.ServiceClient:
-        """The loops session underneath."""
+    def holder(self) -> loops_core.ServiceClient:
+        """What Tinker's clients hang off: here, the loops session underneath."""
         return self._client
 
     def get_console_url(self) -> str:
+        """loops has no web console: the session as ``loops://<backend>/sessions/<id>``."""
         return f"loops://{self._client.backend_name}/sessions/{self._client.session_id}"
+
+    def get_telemetry(self) -> None:
+        """loops sends no telemetry."""
+        return None
+
+    def create_custom_loss(self, fn: Any, input_ranks: Mapping[str, int]) -> Any:
+        """Server-side traced losses: not in loops; pass the callable to ``forward_backward_custom`` instead."""
+        raise unsupported("ServiceClient.create_custom_loss", "loops trainers run no uploaded loss graphs; pass the "
+                          "loss callable to TrainingClient.forward_backward_custom (it runs on the client)")
+
+    def copy_weights(self, path: str, *, ttl_seconds: int | None = None,
+                     weights_access_token: str | None = None) -> Any:
+        """Copying checkpoints between Tinker projects: loops has no projects."""
+        raise unsupported("ServiceClient.copy_weights", "loops has no projects to copy checkpoints between")
 
     # ---- training clients --------------------------------------------------------------------
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
@@ -65,12 +81,10 @@ class ServiceClient:
         accepted and has no effect (the run's record says ``train_unembed: false``).
         """
         if not (train_mlp or train_attn or train_unembed):
-            raise BadRequestError("At least one of train_mlp, train_attn, or train_unembed must be True",
-                                  field="train_mlp")
+            raise bad_request("At least one of train_mlp, train_attn, or train_unembed must be True", "train_mlp")
         if not (train_mlp and train_attn):
-            raise BadRequestError("loops backends adapt attention and MLP layers together: train_attn=False or "
-                                  "train_mlp=False is not supported", field="train_attn" if not train_attn else
-                                  "train_mlp")
+            raise bad_request("loops backends adapt attention and MLP layers together: train_attn=False or "
+                              "train_mlp=False is not supported", "train_attn" if not train_attn else "train_mlp")
         _check_optimizer(optimizer)
 
         async def go() -> TrainingClient:
@@ -143,7 +157,7 @@ class ServiceClient:
         """A sampler for the sampler checkpoint ``model_path`` (``tinker://.../sampler_weights/...``) or for
         ``base_model``."""
         if model_path is None and base_model is None:
-            raise BadRequestError("pass model_path or base_model", field="model_path")
+            raise bad_request("pass model_path or base_model", "model_path")
 
         async def go() -> SamplingClient:
             client = await self._client.create_sampling_client_async(
@@ -166,10 +180,11 @@ class ServiceClient:
                       "tinker.RestClient().get_server_capabilities()", FutureWarning, stacklevel=2)
         return RestClient(self).get_server_capabilities().result()
 
-    async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
+    def get_server_capabilities_async(self) -> Any:
+        """Deprecated (as in Tinker): use ``await tinker.RestClient().get_server_capabilities()``."""
         warnings.warn("DEPRECATED: ServiceClient.get_server_capabilities_async() is deprecated; use "
                       "`await tinker.RestClient().get_server_capabilities()`", FutureWarning, stacklevel=2)
-        return await RestClient(self).get_server_capabilities()
+        return RestClient(self).get_server_capabilities().result_async()
 
     def create_rest_client(self) -> RestClient:
         """Deprecated (as in Tinker): construct ``tinker.RestClient()`` directly."""
@@ -196,5 +211,5 @@ class ServiceClient:
 
 def _check_optimizer(optimizer: Any) -> None:
     if optimizer is not None and not isinstance(optimizer, types.AdamOptimizerConfig):
-        raise BadRequestError("loops trainers run AdamW only: optimizer must be None or AdamOptimizerConfig()",
-                              field="optimizer")
+        raise bad_request("loops trainers run AdamW only: optimizer must be None or AdamOptimizerConfig()",
+                          "optimizer")

@@ -8,7 +8,8 @@ Differences, by design: ``save_weights_and_get_sampling_client`` publishes to th
 sampler under the name ``tinker-ephemeral`` (loops has no unnamed saves); ``save_weights_external``
 returns the sampler checkpoint (a PEFT adapter directory, already Hugging Face format);
 ``optim_step`` takes ``AdamParams`` only; ``kind="inflight"``, ``LossHandle`` losses and
-``age_encryption_recipients`` raise ``BadRequestError``.
+``age_encryption_recipients`` raise ``BadRequestError``. Data goes to loops and results come back
+through ``tinker._convert``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import loops_core
-from loops_core.checkpoints import CheckpointStore, META
-
+from ... import _convert as convert
 from ... import types
-from ..._exceptions import BadRequestError, ConflictError, tinker_errors
-from ..._runs import to_tinker_path, update_run
-from .api_future import APIFuture, deprecated_async, run, settle
+from ..._exceptions import bad_request, status_error, tinker_errors
+from ..._runs import update_run
+from .api_future import APIFuture, AwaitableConcurrentFuture, deprecated_async, run, settle  # noqa: F401
+from .custom_loss import LossHandle  # noqa: F401 (Tinker's import path)
 from .backcompat_sampling_client_future import BackcompatSamplingClientFuture
 from .sampling_client import SamplingClient
 
@@ -41,25 +42,27 @@ class TrainingClient:
         self._service = service
         self.model_id: str = client.run_id or ""
 
-    @property
-    def loops_client(self) -> loops_core.TrainingClient:
-        """The loops client underneath."""
-        return self._client
-
     def get_console_url(self) -> str:
-        return f"loops://{self.model_id}"
+        """loops has no web console: the run's id as a ``tinker://`` path stands in for its page."""
+        return f"tinker://{self.model_id}"
+
+    def get_telemetry(self) -> None:
+        """loops sends no telemetry (Tinker's returns its telemetry sink; here there is none)."""
+        return None
 
     # ---- forward / backward --------------------------------------------------------------------
     def forward(self, data: list[types.Datum], loss_fn: types.LossFnType,
                 loss_fn_config: Mapping[str, float | str] | None = None) -> APIFuture[types.ForwardBackwardOutput]:
         """The loss and per-token logprobs of ``data``; accumulated gradients are left alone."""
-        return run(APIFuture, settle(self._client.forward_async(data, loss_fn, _config(loss_fn_config))))
+        sent = convert.to_loops_data(data)
+        return run(APIFuture, _fb(self._client.forward_async(sent, loss_fn, _config(loss_fn_config))))
 
     def forward_backward(self, data: list[types.Datum], loss_fn: types.LossFnType,
                          loss_fn_config: Mapping[str, float | str] | None = None
                          ) -> APIFuture[types.ForwardBackwardOutput]:
         """Forward and backward; gradients accumulate until ``optim_step``."""
-        return run(APIFuture, settle(self._client.forward_backward_async(data, loss_fn, _config(loss_fn_config))))
+        sent = convert.to_loops_data(data)
+        return run(APIFuture, _fb(self._client.forward_backward_async(sent, loss_fn, _config(loss_fn_config))))
 
     def forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLossFn, *,
                                 loss_type_input: str | None = None) -> APIFuture[types.ForwardBackwardOutput]:
@@ -72,13 +75,14 @@ class TrainingClient:
             warnings.warn("The 'loss_type_input' parameter of forward_backward_custom() is deprecated: the loss "
                           "always receives logprobs", DeprecationWarning, stacklevel=2)
         if not callable(loss_fn):
-            raise BadRequestError("forward_backward_custom takes a callable loss; server-side LossHandle losses are "
-                                  "not supported by loops backends", field="loss_fn")
+            raise bad_request("forward_backward_custom takes a callable loss; server-side LossHandle losses are "
+                              "not supported by loops backends", "loss_fn")
         full = list(data)
-        reduced = [types.Datum(model_input=d.model_input,
-                               loss_fn_inputs={k: v for k, v in d.loss_fn_inputs.items()
-                                               if k in ("target_tokens", "weights")}) for d in full]
-        return run(APIFuture, settle(self._client.forward_backward_custom_async(
+        reduced = [convert.to_loops_datum(types.Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={k: v for k, v in d.loss_fn_inputs.items() if k in ("target_tokens", "weights")}))
+            for d in full]
+        return run(APIFuture, _fb(self._client.forward_backward_custom_async(
             reduced, lambda _sent, logprobs: loss_fn(full, logprobs))))
 
     # ---- optimizer and state ---------------------------------------------------------------------
@@ -86,23 +90,28 @@ class TrainingClient:
                    adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
         """AdamW over the accumulated gradients (``tinker.types.AdamParams``: no clipping by default)."""
         if optim_params is not None and adam_params is not None:
-            raise BadRequestError("Specify optim_params or legacy adam_params, not both", field="adam_params")
+            raise bad_request("Specify optim_params or legacy adam_params, not both", "adam_params")
         params = optim_params if optim_params is not None else adam_params
         if isinstance(params, types.DimuonParams):
-            raise BadRequestError("loops trainers run AdamW only; pass tinker.types.AdamParams", field="optim_params")
-        if not isinstance(params, loops_core.AdamParams):
-            raise BadRequestError(f"optim_step needs AdamParams, got {type(params).__name__}", field="optim_params")
-        return run(APIFuture, settle(self._client.optim_step_async(params)))
+            raise bad_request("loops trainers run AdamW only; pass tinker.types.AdamParams", "optim_params")
+        if not isinstance(params, types.AdamParams):
+            raise bad_request(f"optim_step needs tinker.types.AdamParams, got {type(params).__name__}",
+                              "optim_params")
+
+        async def go() -> types.OptimStepResponse:
+            return convert.from_loops_optim_step(await settle(self._client.optim_step_async(
+                convert.to_loops_adam(params))))
+
+        return run(APIFuture, go())
 
     def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
                    user_metadata: dict[str, str] | None = None) -> APIFuture[types.SaveWeightsResponse]:
         """Weights and Adam state, as ``tinker://<run>/weights/<name>``."""
-        self._check_new("weights", name, overwrite)
-
         async def go() -> types.SaveWeightsResponse:
+            await self._check_new("training", name, overwrite)
             out = await settle(self._client.save_state_async(name, ttl_seconds))
             self._remember("weights", name, user_metadata)
-            return out.model_copy(update={"path": to_tinker_path(out.path)})
+            return types.SaveWeightsResponse(path=convert.from_loops_path(out.path) or out.path)
 
         return run(APIFuture, go())
 
@@ -119,7 +128,7 @@ class TrainingClient:
 
     async def _load(self, submitted: Any) -> types.LoadWeightsResponse:
         out = await settle(submitted)
-        return out.model_copy(update={"path": to_tinker_path(out.path)})
+        return types.LoadWeightsResponse(path=convert.from_loops_path(out.path), model_id=self.model_id)
 
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
                                  user_metadata: dict[str, str] | None = None
@@ -128,7 +137,7 @@ class TrainingClient:
         async def go() -> types.SaveWeightsForSamplerResponse:
             out = await settle(self._client.save_weights_for_sampler_async(name, ttl_seconds))
             self._remember("sampler_weights", name, user_metadata)
-            return out.model_copy(update={"path": to_tinker_path(out.path)})
+            return types.SaveWeightsForSamplerResponse(path=convert.from_loops_path(out.path) or out.path)
 
         return run(APIFuture, go())
 
@@ -138,12 +147,12 @@ class TrainingClient:
         """The adapter in Hugging Face (PEFT) format: loops' sampler checkpoints already are; the path
         is ``tinker://<run>/sampler_weights/<name>`` (download it with ``RestClient.get_external_weights_urls``)."""
         if age_encryption_recipients:
-            raise BadRequestError("age_encryption_recipients is not supported by loops backends",
-                                  field="age_encryption_recipients")
+            raise bad_request("age_encryption_recipients is not supported by loops backends",
+                              "age_encryption_recipients")
 
         async def go() -> types.SaveWeightsExternalResponse:
             out = await settle(self._client.save_weights_for_sampler_async(name, ttl_seconds))
-            return types.SaveWeightsExternalResponse(path=to_tinker_path(out.path) or out.path)
+            return types.SaveWeightsExternalResponse(path=convert.from_loops_path(out.path) or out.path)
 
         return run(APIFuture, go())
 
@@ -157,7 +166,7 @@ class TrainingClient:
             warnings.warn("save_weights_and_get_sampling_client(name=...) is deprecated and ignored",
                           FutureWarning, stacklevel=2)
         if kind != "snapshot":
-            raise BadRequestError(f"kind={kind!r} is not supported by loops backends; use 'snapshot'", field="kind")
+            raise bad_request(f"kind={kind!r} is not supported by loops backends; use 'snapshot'", "kind")
 
         async def go() -> SamplingClient:
             client = await settle(self._client.save_weights_and_get_sampling_client_async(EPHEMERAL))
@@ -177,12 +186,17 @@ class TrainingClient:
     # ---- info ------------------------------------------------------------------------------------
     def get_info(self) -> types.GetInfoResponse:
         with tinker_errors():
-            return self._client.get_info()
+            return convert.from_loops_info(self._client.get_info(), self.model_id)
 
-    async def get_info_async(self) -> types.GetInfoResponse:
+    def get_info_async(self) -> Any:
+        """Deprecated (as in tinker 0.38): use ``get_info()``."""
         warnings.warn("DEPRECATED: TrainingClient.get_info_async() is deprecated (as in tinker 0.38); use "
                       "get_info()", FutureWarning, stacklevel=2)
-        return self.get_info()
+
+        async def finish() -> types.GetInfoResponse:
+            return self.get_info()
+
+        return finish()
 
     def get_tokenizer(self) -> Any:
         with tinker_errors():
@@ -202,12 +216,17 @@ class TrainingClient:
     create_sampling_client_async = deprecated_async(create_sampling_client, returns_future=False)
 
     # ---- helpers -----------------------------------------------------------------------------------
-    def _check_new(self, kind: str, name: str, overwrite: bool) -> None:
-        # Only checkpoints in the local store can be seen from here (fake and local backends).
-        if not overwrite and isinstance(name, str) and self.model_id and \
-                (CheckpointStore().dir_for(self.model_id, kind, name) / META).is_file():
-            raise ConflictError(f"checkpoint {kind}/{name} already exists in run {self.model_id}; pass "
-                                "overwrite=True to replace it", status_code=409)
+    async def _check_new(self, kind: str, name: str, overwrite: bool) -> None:
+        """Tinker refuses to overwrite a checkpoint unless asked; loops' public listing says what exists."""
+        if overwrite or not self.model_id:
+            return
+        try:
+            existing = await self._client.list_checkpoints_async()
+        except NotImplementedError:
+            return  # the backend keeps no listing (nothing to compare against)
+        if any(c.checkpoint_type == kind and c.checkpoint_id == name for c in existing):
+            raise status_error(409, f"checkpoint weights/{name} already exists in run {self.model_id}; pass "
+                               "overwrite=True to replace it")
 
     def _remember(self, kind: str, name: str, user_metadata: dict[str, str] | None) -> None:
         if self.model_id:
@@ -224,3 +243,7 @@ def _config(config: Mapping[str, float | str] | None) -> dict[str, Any] | None:
 def _warn_load_state() -> None:
     warnings.warn("DEPRECATED: TrainingClient.load_state*() is deprecated (as in tinker 0.38); use "
                   "ServiceClient.create_training_client_from_state*()", FutureWarning, stacklevel=3)
+
+
+async def _fb(submitted: Any) -> types.ForwardBackwardOutput:
+    return convert.from_loops_forward_backward(await settle(submitted))

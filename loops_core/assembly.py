@@ -1,0 +1,67 @@
+"""One typed description of the engines behind a trainer + sampler pair, and the one way to build
+them: ``loops serve``, the local backend's server processes, the fake backend's in-process servers,
+Modal containers and the Baseten emulator all go through ``make_engines``.
+
+Engine families are registered through the ``register_engines`` hook (the built-in ``fake`` and
+``local`` the same way as a plugin's), so this module imports no backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ConfigurationError
+
+
+class EngineConfig(BaseModel):
+    """Everything an engine factory may need. Fields an engine family does not use are ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="base model: loops/tiny-qwen3, an HF id or a local directory")
+    engine: str = Field("local", description="engine family: fake, local, or a plugin's")
+    sampler_engine: Literal["auto", "hf", "vllm"] = "auto"
+    rank: int = Field(32, ge=1, description="LoRA rank of the first run")
+    seed: int | None = None
+    trainer_device: str | None = Field(None, description="e.g. cuda:0; default: the first GPU, else CPU")
+    sampler_device: str | None = Field(None, description="e.g. cuda:1; default: as planned for the GPUs present")
+    gpu_memory_share: float | None = Field(None, gt=0, le=1, description=(
+        "share of the sampler GPU's memory vLLM may take; default: planned from what the trainer left free"))
+    max_lora_rank: int | None = Field(None, ge=1, description="largest adapter rank the sampler accepts")
+
+    @property
+    def sampler_max_lora_rank(self) -> int:
+        """vLLM must be told the largest rank up front: at least 64 (its default), at least ``rank``."""
+        return self.max_lora_rank or max(64, self.rank)
+
+
+Factory = Callable[[EngineConfig], Any]
+
+
+def engine_families() -> dict[str, tuple[Any, Any]]:
+    from .plugins import _default_pm
+
+    found: dict[str, tuple[Any, Any]] = {}
+    for impl in _default_pm().hook.register_engines.get_hookimpls():
+        impl.function(register=lambda name, trainer, sampler: found.setdefault(name, (trainer, sampler)))
+    return found
+
+
+def _resolve(target: Any) -> Factory:
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_engines(config: EngineConfig) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(make the trainer engine, make the sampler engine) for ``config``: the factories resolve
+    now (a missing extra fails here), the engines load when called."""
+    families = engine_families()
+    if config.engine not in families:
+        raise ConfigurationError(f"unknown engine {config.engine!r}; registered: {', '.join(sorted(families))}")
+    trainer, sampler = (_resolve(t) for t in families[config.engine])
+    return (lambda: trainer(config)), (lambda: sampler(config))

@@ -1,5 +1,0 @@
-"""Mirrors ``tinker.types.image_chunk`` (the same objects as ``tinker.types``)."""
-
-from . import ImageChunk
-
-__all__ = ["ImageChunk"]

@@ -1,5 +1,0 @@
-"""Mirrors ``tinker.types.sampled_sequence`` (the same objects as ``tinker.types``)."""
-
-from . import SampledSequence
-
-__all__ = ["SampledSequence"]

@@ -1,5 +1,0 @@
-"""Mirrors ``tinker.types.tensor_data`` (the same objects as ``tinker.types``)."""
-
-from . import TensorData
-
-__all__ = ["TensorData"]
