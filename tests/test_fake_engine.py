@@ -59,7 +59,7 @@ def ref_loss(loss_fn, datums, cfg, w0, a, b, sg=None):
     for s in specs:
         lps.append({idx: ref_token_lp(w0, a, b, s["x"][idx[0]], s["targets"][idx])
                     for idx in np.ndindex(s["targets"].shape) if s["targets"][idx] >= 0})
-    total, ratios, clipped, margins = 0.0, [], [], []
+    total, ratios, clipped, margins, masks = 0.0, [], [], [], []
     if loss_fn == "dpo":
         beta, ls = cfg["beta"], cfg["label_smoothing"]
 
@@ -89,6 +89,11 @@ def ref_loss(loss_fn, datums, cfg, w0, a, b, sg=None):
                 clipped.append(r < lo or r > hi)
             if loss_fn == "importance_sampling":
                 per = -r * adv
+            elif loss_fn == "dppo":
+                moved = math.exp(lp) - math.exp(q)
+                m = moved > cfg["dppo_mask_high"] if adv > 0 else moved < -cfg["dppo_mask_low"]
+                masks.append(float(m))
+                per = -(1 - m) * cfg["adv_tau"] * adv * r + cfg["kl_tau"] * (lp - q) ** 2
             elif loss_fn == "ppo":
                 per = -min(r * adv, min(max(r, lo), hi) * adv)
             elif loss_fn == "cispo":
@@ -102,6 +107,8 @@ def ref_loss(loss_fn, datums, cfg, w0, a, b, sg=None):
         metrics["ratio:mean"] = float(np.mean(ratios))
     if loss_fn in ("ppo", "cispo"):
         metrics["clip_fraction:mean"] = float(np.mean(clipped))
+    if loss_fn == "dppo":
+        metrics["mask_fraction:mean"] = float(np.mean(masks))
     return total, lps, metrics
 
 
@@ -110,6 +117,8 @@ DEFAULTS = {
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     "dro": {"beta": 0.05}, "dpo": {"beta": 0.1, "label_smoothing": 0.0},
+    # Bounds at the scale of this vocabulary's probabilities (~1/259), so some tokens are masked.
+    "dppo": {"dppo_mask_high": 8e-4, "dppo_mask_low": 8e-4, "adv_tau": 1.3, "kl_tau": 0.3},
 }
 
 
@@ -157,11 +166,11 @@ def fresh_engine(rank=4, seed=1) -> FakeTrainerEngine:
 
 
 CASES = ["cross_entropy", "cross_entropy_2d", "importance_sampling", "ppo", "cispo",
-         "cispo_override", "dro", "dpo"]
+         "cispo_override", "dro", "dpo", "dppo"]
 METRIC_KEYS = {
     "cross_entropy": set(), "importance_sampling": {"ratio:mean"}, "dro": {"ratio:mean"},
     "ppo": {"ratio:mean", "clip_fraction:mean"}, "cispo": {"ratio:mean", "clip_fraction:mean"},
-    "dpo": {"accuracy:mean", "margin:mean"},
+    "dpo": {"accuracy:mean", "margin:mean"}, "dppo": {"ratio:mean", "mask_fraction:mean"},
 }
 
 

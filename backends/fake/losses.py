@@ -101,6 +101,26 @@ def _ratio_loss(kind: str) -> Callable[[list[Row], dict[str, float]], LossResult
     return loss
 
 
+def _dppo(rows: list[Row], cfg: dict[str, float]) -> LossResult:
+    """``sum_t w_t (-(1 - M_t) adv_tau A_t r_t + kl_tau (lp_t - q_t)^2)``; ``M_t`` (a constant) drops a
+    token whose probability moved past the bound in its advantage's direction. dL/dlp is
+    ``w_t (-(1 - M_t) adv_tau A_t r_t + 2 kl_tau (lp_t - q_t))``."""
+    hi, lo, tau, kl = cfg["dppo_mask_high"], cfg["dppo_mask_low"], cfg["adv_tau"], cfg["kl_tau"]
+    losses, coeffs, ratios, masked_parts = [], [], [], []
+    for d in rows:
+        lp, w, adv = d.lp, d.weights(), d.get("advantages")
+        q = np.where(d.active, d.get("logprobs"), lp)  # inactive: ratio 1, no term
+        r = np.exp(lp - q)
+        moved = np.exp(lp) - np.exp(q)
+        masked = np.where(adv > 0, moved > hi, moved < -lo) & d.active
+        keep = (~masked & d.active).astype(np.float64)
+        losses.append(float((w * (-keep * tau * adv * r + kl * (lp - q) ** 2)).sum()))
+        coeffs.append(w * (-keep * tau * adv * r + 2 * kl * (lp - q)))
+        ratios.append(r[d.active])
+        masked_parts.append(masked[d.active].astype(np.float64))
+    return losses, coeffs, {"ratio:mean": _mean(ratios), "mask_fraction:mean": _mean(masked_parts)}
+
+
 def _log_sigmoid(z: float) -> float:
     return -float(np.logaddexp(0.0, -z))  # stable for large |z|
 
@@ -173,6 +193,7 @@ LOSS_GRADIENTS: dict[str, Callable[[list[Row], dict[str, float]], LossResult]] =
     "cispo": _ratio_loss("cispo"),
     "dro": _ratio_loss("dro"),
     "dpo": _dpo,
+    "dppo": _dppo,
     "gspo": _gspo,
     "stable_reinforce": _stable_reinforce,
 }

@@ -40,6 +40,7 @@ from urllib.parse import unquote
 import httpx
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -48,7 +49,7 @@ from ..checkpoints import CheckpointStore, check_name
 from ..engine import DEFAULT_RUN, MAX_TOP_K_LOGPROBS, TrainerEngine
 from ..errors import InvalidRequestError, NotFoundError
 from ..losses import validate_batch
-from ..types import AdamParams, Datum
+from ..types import AdamParams, Datum, ForwardBackwardOutput
 from .stats import stats_route
 from .incarnation import IncarnationMiddleware
 from .http import ApiKeyMiddleware, error_response, guarded, json_body, pydantic_message
@@ -223,8 +224,9 @@ class TrainerServer:
 
         return await asyncio.get_running_loop().run_in_executor(self._worker, job)
 
-    def _submit_route(self, name: str, prepare: Callable[[Run, dict[str, Any]], Any]):
-        """A POST route: validate with ``prepare(run, body)`` (which returns the op coroutine fn), queue it."""
+    def _submit_route(self, name: str, prepare: Callable[[Run, dict[str, Any], Headers], Any]):
+        """A POST route: validate with ``prepare(run, body, headers)`` (which returns the op coroutine fn),
+        queue it."""
 
         @guarded
         async def route(request: Request) -> Response:
@@ -241,7 +243,7 @@ class TrainerServer:
             queue = run.queue_for(seq_id)
             try:
                 self._check_model(body)
-                fn = prepare(run, body)
+                fn = prepare(run, body, request.headers)
             except Exception:
                 queue.refuse(seq_id)  # its turn is over: the next one need not wait for it
                 raise
@@ -257,7 +259,7 @@ class TrainerServer:
             self._ops = {k: q for k, q in self._ops.items() if q.get(k) is not None}
 
     # ---- operations: each ``prepare`` validates now and returns what runs later -------------
-    def _init(self, run: Run, body: dict[str, Any]):
+    def _init(self, run: Run, body: dict[str, Any], headers: Headers):
         rank, seed = _rank_and_seed(body, self.seed)
 
         async def op() -> dict[str, Any]:
@@ -271,7 +273,7 @@ class TrainerServer:
         return op
 
     def _fb(self, backward: bool):
-        def prepare(run: Run, body: dict[str, Any]):
+        def prepare(run: Run, body: dict[str, Any], headers: Headers):
             loss_fn = body.get("loss_fn") or "cross_entropy"
             raw = body.get("data")
             if not isinstance(raw, list):
@@ -283,6 +285,9 @@ class TrainerServer:
                 except ValidationError as exc:
                     msg, fld = pydantic_message(exc, f"data[{i}].")
                     raise InvalidRequestError(msg, field=fld) from None
+                if any(c.type != "encoded_text" for c in data[-1].model_input.chunks):
+                    raise InvalidRequestError(f"data[{i}].model_input has an image chunk; this trainer takes text "
+                                              "only", field=f"data[{i}].model_input")
             config = validate_batch(data, loss_fn, body.get("loss_fn_config"), vocab_size=self.engine.vocab_size,
                                     max_seq_len=self.engine.max_seq_len)
             top_k = body.get("top_k_logprobs") or 0
@@ -291,16 +296,18 @@ class TrainerServer:
                                           field="top_k_logprobs")
             extra = {"top_k_logprobs": top_k} if top_k else {}  # engines without it still serve k = 0
 
+            published = headers.get("user-agent", "").startswith("baseten-loops/")
+
             async def op() -> dict[str, Any]:
                 out = await self._call(run, self.engine.forward_backward, data, loss_fn, config, backward=backward,
                                        **extra)
-                return out.model_dump(mode="json")
+                return _per_datum_means(out, len(data)) if published else out.model_dump(mode="json")
 
             return op
 
         return prepare
 
-    def _optim(self, run: Run, body: dict[str, Any]):
+    def _optim(self, run: Run, body: dict[str, Any], headers: Headers):
         raw = body.get("adam_params")
         if raw is None:
             raise InvalidRequestError("adam_params is required", field="adam_params")
@@ -320,7 +327,7 @@ class TrainerServer:
 
         return op
 
-    def _save_state(self, run: Run, body: dict[str, Any]):
+    def _save_state(self, run: Run, body: dict[str, Any], headers: Headers):
         name = check_name(body.get("name") or "", "name")
 
         async def op() -> dict[str, Any]:
@@ -333,8 +340,11 @@ class TrainerServer:
 
         return op
 
-    def _publish(self, run: Run, body: dict[str, Any]):
+    def _publish(self, run: Run, body: dict[str, Any], headers: Headers):
         name = check_name(body.get("name") or "default", "name")
+        bump = body.get("bump_version", True)
+        if not isinstance(bump, bool):
+            raise InvalidRequestError("bump_version must be true or false", field="bump_version")
 
         async def op() -> dict[str, Any]:
             def write():
@@ -342,6 +352,8 @@ class TrainerServer:
                                          lora_rank=self.engine.lora_rank, write=self.engine.export_adapter)
 
             directory, ckpt = await self._call(run, write)
+            if not bump:  # staged: a checkpoint to sample by path; the sampler keeps its version
+                return {"version": run.policy_version, "path": ckpt.path}
             version = run.policy_version + 1
             if self.sampler is not None:
                 await self._notify_sampler(run, name, str(directory), version)
@@ -361,8 +373,11 @@ class TrainerServer:
             raise RuntimeError(f"the paired sampler refused adapter version {version}: {r.status_code} {r.text}")
 
     def _load(self, with_optimizer: bool):
-        def prepare(run: Run, body: dict[str, Any]):
-            directory = self.store.resolve(body.get("path") or "", kind="weights")
+        def prepare(run: Run, body: dict[str, Any], headers: Headers):
+            try:
+                directory = self.store.resolve(body.get("path") or "", kind="weights")
+            except NotFoundError as exc:  # a 400 at submit: clients retry a 404 as a cold start
+                raise InvalidRequestError(str(exc), field="path") from None
 
             async def op() -> dict[str, Any]:
                 def load() -> int:
@@ -449,6 +464,15 @@ class ServerBusyError(Exception):
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _INDEX_PRUNE = 10_000
+
+
+def _per_datum_means(out: ForwardBackwardOutput, n: int) -> dict[str, Any]:
+    """The published baseten-loops client's convention: it averages the answers of the chunks it
+    splits a batch into, weighted by datums, so it is sent the loss as a mean over this request's
+    datums, and only that (``skip_token_normalization`` echoed)."""
+    loss = out.metrics.get("loss:sum", out.loss) / max(n, 1)
+    metrics = {"loss": loss, **{k: v for k, v in out.metrics.items() if k == "skip_token_normalization"}}
+    return {**out.model_dump(mode="json"), "loss": loss, "metrics": metrics}
 
 
 def _rank_and_seed(body: dict[str, Any], default_seed: int | None) -> tuple[int, int | None]:
