@@ -296,7 +296,7 @@ class TrainerServer:
                                           field="top_k_logprobs")
             extra = {"top_k_logprobs": top_k} if top_k else {}  # engines without it still serve k = 0
 
-            published = headers.get("user-agent", "").startswith("baseten-loops/")
+            published = _published(headers)
 
             async def op() -> dict[str, Any]:
                 out = await self._call(run, self.engine.forward_backward, data, loss_fn, config, backward=backward,
@@ -376,8 +376,10 @@ class TrainerServer:
         def prepare(run: Run, body: dict[str, Any], headers: Headers):
             try:
                 directory = self.store.resolve(body.get("path") or "", kind="weights")
-            except NotFoundError as exc:  # a 400 at submit: clients retry a 404 as a cold start
-                raise InvalidRequestError(str(exc), field="path") from None
+            except NotFoundError as exc:
+                if _published(headers):  # it retries a 404 at submit as a cold start: a 400 stops it at once
+                    raise InvalidRequestError(str(exc), field="path") from None
+                raise
 
             async def op() -> dict[str, Any]:
                 def load() -> int:
@@ -464,6 +466,11 @@ class ServerBusyError(Exception):
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _INDEX_PRUNE = 10_000
+
+
+def _published(headers: Headers) -> bool:
+    """Whether the request comes from the published baseten-loops client (loops' own sends ``loops/``)."""
+    return headers.get("user-agent", "").startswith("baseten-loops/")
 
 
 def _per_datum_means(out: ForwardBackwardOutput, n: int) -> dict[str, Any]:
