@@ -143,7 +143,7 @@ def test_sampler_version_gate_and_exact_pins():
             assert models[0]["parent"] is None and models[1]["id"] == "v2" and models[1]["parent"] == "m"
             assert (await s.get("/trainers_policy_version")).json() == {"policy_version": 2}
             # a dropped version is gone for good: 410, not silently another version
-            sampler.keep_versions, sampler.idle_unload_s = 1, 0.0
+            sampler.table.keep_versions, sampler.table.idle_unload_s = 1, 0.0
             r = await t.post("/save_weights_for_sampler", json={"name": "v3"})
             await t.get(f"/operations/{r.json()['operation_id']}")
             assert (await s.post("/sample", json=body, headers={"X-Policy-Version": "1"})).status_code == 410
@@ -356,7 +356,7 @@ def test_runs_take_turns_on_the_engine():
 
 def test_sampler_serves_every_run_pinned_and_keeps_few_resident():
     trainer, sampler = fake_pair("m", rank=4)
-    sampler.max_resident = 2
+    sampler.table.max_resident = 2
     body = {"prompt": list(b"abc"), "max_tokens": 0, "prompt_logprobs": 0}
 
     async def main():
@@ -376,7 +376,7 @@ def test_sampler_serves_every_run_pinned_and_keeps_few_resident():
             for rid in runs * 2:  # the second round reloads what the cap evicted: same numbers
                 r = await s.post("/sample", json=body, headers={"X-Run-Id": rid, "X-Policy-Version": "1"})
                 assert r.status_code == 200 and r.headers["x-trainers-policy-version"] == "1"
-                assert len(sampler.resident) <= 2
+                assert len(sampler.table.resident) <= 2
                 first.setdefault(rid, r.json()["prompt_logprobs"])
                 assert r.json()["prompt_logprobs"] == first[rid]
             assert len({json.dumps(v) for v in first.values()}) == 3  # three runs, three adapters

@@ -26,7 +26,8 @@ from .model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARCH, MAX_SEQ_LEN, PEFT_A, 
 from .sampler import FakeSamplerEngine
 from .tokenizer import base_vocabulary
 
-__all__ = ["FakeTrainerEngine", "FakeSamplerEngine", "base_table", "log_softmax_rows", "logit_table", "LOSS_GRADIENTS", "Row"]
+__all__ = ["FakeTrainerEngine", "FakeSamplerEngine", "base_table", "log_softmax_rows", "logit_table",
+           "LOSS_GRADIENTS", "Row"]
 
 
 # What one run owns; ``use_run`` parks the current run's values and brings another's back.

@@ -3,12 +3,12 @@
 Each run orders its own operations; runs never wait on each other's sequence numbers. A run's
 operations are queued per *client stream*: clients number their submissions 1, 2, 3, ... (``seq_id``),
 and two clients on one run (the published client's ``reuse_from_run_id``, or two processes) count
-independently. A submission continues the stream whose last ``seq_id`` is one below its own; ``1``
-starts a new stream; any other number goes to the stream whose count is nearest, whose queue then waits for
-the missing number (at most its gap timer) or runs it in order with the ones it arrived before. So two clients on a run never stall each other, while one
-client's retried or reordered submissions still run in its order. Every stream queue has its own
-runner; they all feed the server's single engine worker, first come first served, so runs (and
-streams) take turns: a long queue of one run cannot starve another.
+independently. A submission continues the stream whose next number is its own; ``1`` starts a new
+stream; any other number joins the stream whose count is nearest, whose queue then runs it in order
+with the others (waiting at most its gap timer for a missing number). So two clients on a run never
+stall each other, while one client's retried or reordered submissions still run in its order.
+Every stream queue has its own runner; they all feed the server's single engine worker, first come
+first served, so runs (and streams) take turns: a long queue of one run cannot starve another.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class Run:
         else:
             stream = next((s for s in self.streams if s.next_seq == seq_id), None)
             if stream is None and seq_id != 1:
-                counted = [s for s in self.streams if s.next_seq is not None]
-                stream = min(counted, key=lambda s: abs(s.next_seq - seq_id)) if counted else None  # type: ignore[operator]
+                counted = [(abs(s.next_seq - seq_id), i) for i, s in enumerate(self.streams) if s.next_seq is not None]
+                stream = self.streams[min(counted)[1]] if counted else None
             if stream is None:
                 stream = self._new_stream()
             stream.next_seq = max(stream.next_seq or 0, seq_id + 1)

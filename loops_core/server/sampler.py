@@ -2,9 +2,7 @@
 
 It serves every run of its trainer: each run's published versions, pinned per run. A request's run is
 its ``X-Run-Id`` header, else the run in its ``X-Checkpoint-Path`` (``loops://<run>/...``), else the
-trainer's default run. Adapters are records (run, version, path); the engine holds at most
-``max_resident`` of them at once, least recently used first out, and reloads an evicted one from its
-path when it is asked for again.
+trainer's default run. The adapters (and which of them the engine holds) are kept in ``adapters.py``.
 
 Routes::
 
@@ -26,17 +24,12 @@ Which weights serve a request, from its headers:
 * nothing: the live (latest published) version; the base model before any publication.
 
 Every answer carries ``x-trainers-policy-version``: the policy version that was served (0 = base).
-A run's version is kept while it is the run's live one, among its newest ``keep_versions``, or was
-used in the last ``idle_unload_s`` seconds; the rest are forgotten.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -47,23 +40,12 @@ from starlette.routing import Route
 from ..checkpoints import CheckpointStore, parse_uri
 from ..engine import GenerationRequest, SamplerEngine
 from ..errors import InvalidRequestError
+from .adapters import Adapter, AdapterTable
 from .stats import stats_route
 from .incarnation import IncarnationMiddleware
 from .http import ApiKeyMiddleware, error_response, guarded, json_body
 
 DEFAULT_MAX_TOKENS = 16  # as vLLM's completions endpoint
-
-
-@dataclass
-class Adapter:
-    engine_id: int  # a fresh id per load, so a reloaded version never serves stale weights
-    name: str
-    path: str
-    run_id: str | None
-    policy_version: int | None  # None: a checkpoint loaded by path
-    last_used: float
-    resident: bool = False
-    in_use: int = 0  # requests being served from it: never evicted meanwhile
 
 
 class SamplerServer:
@@ -72,17 +54,11 @@ class SamplerServer:
                  max_resident: int = 16):
         self.engine = engine
         self.store = store or CheckpointStore()
-        self.keep_versions = keep_versions
-        self.idle_unload_s = idle_unload_s
-        self.max_resident = max_resident
+        self.table = AdapterTable(engine, self.store, keep_versions=keep_versions, idle_unload_s=idle_unload_s,
+                                  max_resident=max_resident)
         self.model_name = name or engine.base_model
-        self.adapters: dict[int, Adapter] = {}  # by engine id
-        self.versions: dict[tuple[str | None, int], Adapter] = {}  # (run, policy version) -> adapter
-        self.live: dict[str | None, Adapter] = {}  # each run's newest published version
         self.default_run: str | None = None  # the run of requests that name none (the trainer says which)
         self.shutting_down = False
-        self._ids = itertools.count(1)
-        self._lock: asyncio.Lock | None = None
         routes = [
             Route("/sample", self._sample, methods=["POST"]),
             Route("/v1/completions", self._sample, methods=["POST"]),
@@ -95,19 +71,6 @@ class SamplerServer:
             Route("/stats", stats_route, methods=["GET"]),
         ]
         self.app = IncarnationMiddleware(ApiKeyMiddleware(Starlette(routes=routes), api_key))
-
-    def live_version(self, run: str | None) -> int:
-        a = self.live.get(run)
-        return (a.policy_version or 0) if a else 0
-
-    @property
-    def resident(self) -> list[Adapter]:
-        return [a for a in self.adapters.values() if a.resident]
-
-    def _locked(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
 
     # ---- adapters -------------------------------------------------------------------------
     @guarded
@@ -124,87 +87,16 @@ class SamplerServer:
             raise InvalidRequestError("run_id must be a string", field="run_id")
         if body.get("default_run"):
             self.default_run = run
-        directory = self.store.resolve(path)
-        async with self._locked():
-            if version is None:
-                version = self.live_version(run) + 1
-            old = self.versions.get((run, version))
-            adapter = Adapter(next(self._ids), name, path, run, version, time.monotonic())
-            await self._make_resident(adapter, directory)  # a bad adapter fails here and changes nothing
-            if old is not None:
-                await self._drop(old)
-            self.adapters[adapter.engine_id] = adapter
-            self.versions[(run, version)] = adapter
-            if version >= self.live_version(run):
-                self.live[run] = adapter
-            await self._collect()
+        version = await self.table.publish(name, path, self.store.resolve(path), run, version)
         return JSONResponse({"status": "ok", "lora_name": name, "policy_version": version, "run_id": run})
 
     @guarded
     async def _unload(self, request: Request) -> Response:
         body = await json_body(request)
         name = body.get("lora_name")
-        async with self._locked():
-            hits = [a for a in self.adapters.values() if a.name == name]
-            if not hits:
-                return error_response(404, f"no adapter named {name!r} is loaded")
-            for a in hits:
-                await self._drop(a)
+        if not await self.table.unload_named(name):
+            return error_response(404, f"no adapter named {name!r} is loaded")
         return JSONResponse({"status": "ok"})
-
-    async def _make_resident(self, adapter: Adapter, directory: Any = None) -> None:
-        """Load ``adapter`` into the engine, first evicting the least recently used idle ones past the cap."""
-        if adapter.resident:
-            return
-        others = sorted((a for a in self.resident if a.in_use == 0), key=lambda a: a.last_used)
-        while others and len(self.resident) >= self.max_resident:
-            victim = others.pop(0)
-            await self.engine.unload_adapter(victim.engine_id)
-            victim.resident = False
-        await self.engine.load_adapter(adapter.engine_id, directory or self.store.resolve(adapter.path))
-        adapter.resident = True
-
-    async def _drop(self, a: Adapter) -> None:
-        """Forget an adapter record (and unload it)."""
-        self.adapters.pop(a.engine_id, None)
-        if a.policy_version is not None and self.versions.get((a.run_id, a.policy_version)) is a:
-            del self.versions[(a.run_id, a.policy_version)]
-        if a.resident:
-            await self.engine.unload_adapter(a.engine_id)
-            a.resident = False
-        if self.live.get(a.run_id) is a:
-            pubs = [x for (run, _), x in self.versions.items() if run == a.run_id]
-            if pubs:
-                self.live[a.run_id] = max(pubs, key=lambda x: x.policy_version or 0)
-            else:
-                del self.live[a.run_id]
-
-    async def _collect(self) -> None:
-        """Forget versions that are not their run's live one, not among its newest few, and idle."""
-        now = time.monotonic()
-        keep: set[int] = set()
-        by_run: dict[str | None, list[Adapter]] = {}
-        for a in self.adapters.values():
-            by_run.setdefault(a.run_id, []).append(a)
-        for run_adapters in by_run.values():
-            keep.update(a.engine_id for a in sorted(run_adapters, key=lambda a: a.engine_id)[-self.keep_versions:])
-        live = {id(a) for a in self.live.values()}
-        for a in list(self.adapters.values()):
-            if id(a) not in live and a.engine_id not in keep and a.in_use == 0 \
-                    and now - a.last_used > self.idle_unload_s:
-                await self._drop(a)
-
-    async def _by_path(self, path: str, run: str | None) -> Adapter:
-        hits = [a for a in self.adapters.values() if a.path == path]
-        if hits:
-            return max(hits, key=lambda a: a.engine_id)
-        directory = self.store.resolve(path, kind="sampler_weights")  # the kind is checked for URIs only
-        async with self._locked():
-            a = Adapter(next(self._ids), path.rstrip("/").rsplit("/", 1)[-1], path, run, None, time.monotonic())
-            await self._make_resident(a, directory)
-            self.adapters[a.engine_id] = a
-            await self._collect()
-        return a
 
     def _run_of(self, request: Request) -> str | None:
         named = request.headers.get("x-run-id") or request.query_params.get("run_id")
@@ -222,12 +114,12 @@ class SamplerServer:
             raise InvalidRequestError("X-Policy-Version / X-Min-Policy-Version must be integers",
                                       field="X-Min-Policy-Version") from None
         run = self._run_of(request)
-        live = self.live_version(run)
+        live = self.table.live_version(run)
         path = h.get("x-checkpoint-path")
         if exact is not None:
             if exact == 0:
                 return None
-            adapter = self.versions.get((run, exact))
+            adapter = self.table.versions.get((run, exact))
             if adapter is None:
                 if exact > live:
                     return error_response(408, f"version {exact} of run {run!r} is not loaded yet (live: {live})")
@@ -235,11 +127,11 @@ class SamplerServer:
                                            f"sampler (live: {live}); create a new sampling client")
             return adapter
         if path and (floor is None or live < floor):
-            return await self._by_path(path, run)
+            return await self.table.by_path(path, run)
         if floor is not None and live < floor:
             return error_response(408, f"sampler is at policy version {live} of run {run!r}, below the requested "
                                        f"minimum {floor}; retry shortly", headers={"Retry-After": "1"})
-        return self.live.get(run)
+        return self.table.live.get(run)
 
     # ---- sampling ---------------------------------------------------------------------------
     @guarded
@@ -258,9 +150,7 @@ class SamplerServer:
             chosen.last_used = time.monotonic()
             chosen.in_use += 1
             try:
-                if not chosen.resident:
-                    async with self._locked():
-                        await self._make_resident(chosen)
+                await self.table.ensure_resident(chosen)
                 gen.adapter = chosen.engine_id
                 result = await self.engine.generate(gen)
             finally:
@@ -354,9 +244,9 @@ class SamplerServer:
         """The base model, then the request's run's adapters (its live one first), then the other runs'."""
         run = self._run_of(request)
         base = {"id": self.model_name, "object": "model", "root": self.engine.base_model, "parent": None}
-        live = self.live.get(run)
+        live = self.table.live.get(run)
         ordered = ([live] if live else []) + sorted(
-            (a for a in self.adapters.values() if a is not live), key=lambda a: (a.run_id != run, -a.engine_id))
+            (a for a in self.table.adapters.values() if a is not live), key=lambda a: (a.run_id != run, -a.engine_id))
         cards = [{"id": a.name, "object": "model", "root": a.path, "parent": self.model_name,
                   "policy_version": a.policy_version, "run_id": a.run_id} for a in ordered]
         return JSONResponse({"object": "list", "data": [base, *cards]})
@@ -368,16 +258,17 @@ class SamplerServer:
         """The live version of the request's run. A request that names no run while several runs
         publish (an older client) gets the highest of them: that can only end its wait early, and the
         pinned request that follows names its run through its checkpoint path."""
-        if request.headers.get("x-run-id") or request.query_params.get("run_id") or not self.live:
-            return self.live_version(self._run_of(request))
-        return max(self.live_version(r) for r in self.live)
+        live = self.table.live
+        if request.headers.get("x-run-id") or request.query_params.get("run_id") or not live:
+            return self.table.live_version(self._run_of(request))
+        return max(self.table.live_version(r) for r in live)
 
     async def _health(self, request: Request) -> Response:
         if self.shutting_down:
             return error_response(503, "the sampler is shutting down")
         return JSONResponse({"status": "ok", "base_model": self.engine.base_model,
-                             "policy_version": self._version_for(request), "runs": len(self.live),
-                             "adapters": len(self.adapters), "resident": len(self.resident)})
+                             "policy_version": self._version_for(request), "runs": len(self.table.live),
+                             "adapters": len(self.table.adapters), "resident": len(self.table.resident)})
 
 
 def _int(body: dict[str, Any], key: str, default: int, *, lo: int) -> int:
