@@ -8,12 +8,18 @@ Both are set up once, warmed up, then timed in alternating rounds; the median ro
 
     python bench/sample_throughput.py                        # CPU, tiny model
     python bench/sample_throughput.py --shape qwen3-0.6b     # CUDA
+    python bench/sample_throughput.py --shape qwen3-0.6b --sampler-engine hf   # the HF engine
+
+``--json PATH`` appends one JSON line per batch size (``bench/gpu_check.sh`` makes its table
+from them).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import random
 import statistics
 import sys
@@ -21,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _shapes import model_path  # noqa: E402
+from _shapes import SHAPES, model_path  # noqa: E402
 
 
 def prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -74,13 +80,18 @@ def our_sampling(sc, prompt_len: int, new: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
+    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=None, help="new tokens per sequence (default 32 tiny / 128)")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sampler-engine", default=None, choices=["auto", "hf", "vllm"],
+                        help="the local sampler engine (default: LOOPS_SAMPLER_ENGINE, else auto)")
+    parser.add_argument("--json", default=None, help="append the figures as JSON lines to this file")
     args = parser.parse_args()
+    if args.sampler_engine:
+        os.environ["LOOPS_SAMPLER_ENGINE"] = args.sampler_engine  # read when the sampler starts
     new = args.new or (32 if args.shape == "tiny" else 128)
     batches = [int(b) for b in args.batches.split(",")]
     path = model_path(args.shape)
@@ -108,6 +119,11 @@ def main() -> None:
     for b in batches:
         theirs, mine = statistics.median(rates["bare", b]), statistics.median(rates["loops", b])
         print(f"{b:>5} {theirs:20,.1f} {mine:12,.1f} {mine / theirs:6.2f}x")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"bench": "sample", "shape": args.shape, "batch": b, "new": new,
+                                    "engine": os.environ.get("LOOPS_SAMPLER_ENGINE", "auto"),
+                                    "bare_tps": theirs, "loops_tps": mine}) + "\n")
 
 
 if __name__ == "__main__":

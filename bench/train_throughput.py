@@ -13,11 +13,16 @@ a slow spell of the machine does not land on one side only.
 
     python bench/train_throughput.py                                     # CPU, tiny model, 8 x 128
     python bench/train_throughput.py --shape qwen3-0.6b --batch 8 --seq 1024   # CUDA
+    python bench/train_throughput.py --shape qwen3-4b --batch 4 --seq 2048 --no-bare   # does it fit?
+
+``--json PATH`` appends one JSON line with the figures (``bench/gpu_check.sh`` makes its table
+from them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import resource
 import statistics
@@ -26,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _shapes import fmt_bytes, model_path  # noqa: E402
+from _shapes import SHAPES, fmt_bytes, model_path  # noqa: E402
 
 
 def timed(step, steps: int, tokens: int, sync=lambda: None) -> float:
@@ -93,13 +98,15 @@ def our_steps(tc, batch: int, seq: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
+    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=None, help="default 128 (tiny) / 1024 (qwen3-0.6b)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--no-bare", action="store_true", help="ours only (e.g. to see whether a shape fits)")
+    parser.add_argument("--json", default=None, help="append the figures as one JSON line to this file")
     args = parser.parse_args()
     seq = args.seq or (128 if args.shape == "tiny" else 1024)
     path = model_path(args.shape)
@@ -114,8 +121,10 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     with ServiceClient(backend="local") as service:
         tc = service.create_lora_training_client(path, rank=args.rank, seed=0)
-        bare, sync = bare_step(path, args.batch, seq, args.rank, checkpointing=cuda)
-        variants = {"bare HF + peft": bare, **our_steps(tc, args.batch, seq)}
+        variants, sync = our_steps(tc, args.batch, seq), (torch.cuda.synchronize if cuda else lambda: None)
+        if not args.no_bare:
+            bare, sync = bare_step(path, args.batch, seq, args.rank, checkpointing=cuda)
+            variants = {"bare HF + peft": bare, **variants}
         for step in variants.values():
             timed(step, args.warmup, tokens, sync)
         rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -123,7 +132,9 @@ def main() -> None:
             for name, step in variants.items():
                 rates[name].append(timed(step, args.steps, tokens, sync))
         stats = run_sync(WireClient(tc._endpoint).get_json("/stats", what="stats"))
-    b_peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    b_peak = None
+    if not args.no_bare:
+        b_peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     o_peak = stats.get("cuda_peak_allocated_bytes", stats["peak_rss_bytes"])
     device = stats.get("cuda_device", "cpu")
 
@@ -132,10 +143,20 @@ def main() -> None:
           f"median of {args.rounds} rounds of {args.steps} steps, device {device}")
     print(f"{'':<28} {'tokens/s':>10} {'ratio':>7}")
     median = {name: statistics.median(r) for name, r in rates.items()}
-    base = median["bare HF + peft"]
+    base = median.get("bare HF + peft")
     for name, rate in median.items():
-        print(f"{name:<28} {rate:10,.0f} {rate / base:6.2f}x")
-    print(f"{mem}: bare {fmt_bytes(b_peak)}, loops {fmt_bytes(o_peak)}, ratio {o_peak / b_peak:.2f}x")
+        print(f"{name:<28} {rate:10,.0f} " + (f"{rate / base:6.2f}x" if base else "      -"))
+    if b_peak:
+        print(f"{mem}: bare {fmt_bytes(b_peak)}, loops {fmt_bytes(o_peak)}, ratio {o_peak / b_peak:.2f}x")
+    else:
+        print(f"{mem}: loops {fmt_bytes(o_peak)}")
+    if args.json:
+        row = {"bench": "train", "shape": args.shape, "batch": args.batch, "seq": seq, "device": device,
+               "bare_tps": base, "loops_tps": median["loops, waited"],
+               "loops_pipelined_tps": median["loops, pipelined"], "bare_peak_bytes": b_peak,
+               "loops_peak_bytes": o_peak, "memory": mem}
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ pytest.importorskip("peft")
 
 from loops_core.engine import GenerationRequest  # noqa: E402
 
+# peft (0.21) asks transformers 5 for an old name when it wraps a model: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
 DEVICE = os.environ.get("LOOPS_SAMPLER_TEST_DEVICE", "cpu")
 DTYPE = os.environ.get("LOOPS_SAMPLER_TEST_DTYPE", "float32")
 TOL = 1e-4 if DTYPE == "float32" else 0.1
@@ -584,3 +587,61 @@ def _assert_same_results(alone, other):
         if x.prompt_logprobs is not None:
             assert torch.allclose(torch.tensor(x.prompt_logprobs[1:]),
                                   torch.tensor(y.prompt_logprobs[1:]), atol=TOL)
+
+
+# -------------------------------------------------------------------------------- top-k, targets
+
+
+def _request(**kw):
+    """A GenerationRequest, with the multi-run contract's newer fields set as attributes where
+    this checkout's dataclass lacks them."""
+    fields = set(GenerationRequest.__dataclass_fields__)
+    extra = {k: kw.pop(k) for k in ("topk_sample_logprobs", "target_prompt_tokens") if k in kw and k not in fields}
+    req = GenerationRequest(**kw)
+    for k, v in extra.items():
+        setattr(req, k, v)
+    return req
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_topk_sample_logprobs_are_of_the_sampling_distribution(engine, tok, ref, temperature):
+    p = _enc(tok, PROMPTS[1])
+    res = run(engine.generate(_request(prompt=p, max_tokens=6, temperature=temperature, seed=5,
+                                       stop_at_eos=False, topk_sample_logprobs=4)))
+    (seq,) = res.sequences
+    _check_against(ref, p, seq, temperature=temperature, greedy=temperature == 0.0)
+    assert len(seq.topk) == len(seq.tokens)
+    full = p + seq.tokens
+    T = temperature or 1.0
+    lp = torch.log_softmax(_logits(ref, full)[len(p) - 1:len(full) - 1] / T, dim=-1)
+    for i, top in enumerate(seq.topk):
+        assert len(top) == 4 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert torch.allclose(torch.tensor([v for _, v in top]), lp[i].topk(4).values, atol=TOL)
+        assert all(abs(lp[i, t].item() - v) <= TOL for t, v in top)
+        if temperature == 0.0:
+            assert top[0][0] == seq.tokens[i]
+    # Not asked: no top-k; the new fields' defaults.
+    plain = run(engine.generate(GenerationRequest(prompt=p, max_tokens=2, temperature=0.0)))
+    assert getattr(plain.sequences[0], "topk", None) is None
+    assert getattr(plain, "prompt_cache_hit_tokens", 0) == 0  # no prefix cache: nothing reused
+    assert getattr(plain, "target_prompt_logprobs", None) is None
+
+
+@pytest.mark.parametrize("max_tokens", [0, 2])
+def test_target_prompt_logprobs(engine, tok, ref, max_tokens):
+    p = _enc(tok, PROMPTS[0])
+    targets = [[p[i + 1], -1, 7] for i in range(len(p) - 1)]
+    targets[0] = [-1, -1, -1]
+    res = run(engine.generate(_request(prompt=p, max_tokens=max_tokens, temperature=0.0, target_prompt_tokens=targets)))
+    lp = torch.log_softmax(_logits(ref, p), dim=-1)
+    got = res.target_prompt_logprobs
+    assert len(got) == len(p) - 1 and all(len(row) == 3 for row in got)
+    for i, (row, ids) in enumerate(zip(got, targets)):
+        for v, t in zip(row, ids):
+            assert v == 0.0 if t < 0 else abs(lp[i, t].item() - v) <= TOL
+    assert res.prompt_logprobs is None  # only what was asked
+    assert len(res.sequences[0].tokens) == max_tokens
+    with pytest.raises(ValueError, match="target_prompt_tokens"):
+        run(engine.generate(_request(prompt=p, max_tokens=1, target_prompt_tokens=[[1]])))
+    with pytest.raises(ValueError, match="target_prompt_tokens ids"):
+        run(engine.generate(_request(prompt=p, max_tokens=1, target_prompt_tokens=[[10**9]] * (len(p) - 1))))

@@ -15,6 +15,7 @@ batch of its own and nothing joins it (nor jumps over it in the queue).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import queue
 import secrets
@@ -49,6 +50,7 @@ class Job:
     rows_left: int
     prompt_logprobs: list[float | None] | None = None
     prompt_topk: list[list[tuple[int, float]] | None] | None = None
+    target_prompt_logprobs: list[list[float]] | None = None
     cancelled: bool = False
     failed: bool = False
 
@@ -65,9 +67,11 @@ class Row:
     temperature: float
     top_k: int
     top_p: float
+    topk: int = 0  # top-k (id, logprob) wanted per sampled token
     generator: Any = None  # torch.Generator, created in the worker
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topks: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     text: str | None = None
     done: bool = False
@@ -88,9 +92,11 @@ def new_job(req: GenerationRequest, prompt: list[int], loop: asyncio.AbstractEve
     capped to the context) and its rows: one per sample, or a single prompt-logprob-only row
     when there is nothing to decode."""
     n = int(req.n)
-    want_plp = req.prompt_logprobs is not None
+    want_plp = wants_prompt_pass(req)
     base_seed = req.seed if req.seed is not None else secrets.randbits(63)
-    job = Job(req=GenerationRequest(**{**req.__dict__, "prompt": prompt}), loop=loop,
+    job_req = copy.copy(req)  # (copied, not rebuilt: it may carry fields newer than this module)
+    job_req.prompt = prompt
+    job = Job(req=job_req, loop=loop,
               future=loop.create_future(), adapter=adapter,
               seeds=[(int(base_seed) + i) % (1 << 64) for i in range(n)],
               sequences=[None] * n, rows_left=0)
@@ -105,9 +111,15 @@ def new_job(req: GenerationRequest, prompt: list[int], loop: asyncio.AbstractEve
             rows.append(Row(job=job, index=i, want_prompt_lp=want_plp and i == 0,
                             max_new=max_new, greedy=greedy,
                             temperature=1.0 if greedy else float(req.temperature),
-                            top_k=int(req.top_k), top_p=float(req.top_p)))
+                            top_k=int(req.top_k), top_p=float(req.top_p),
+                            topk=int(getattr(req, "topk_sample_logprobs", 0) or 0)))
     job.rows_left = len(rows)
     return job, rows
+
+
+def wants_prompt_pass(req: GenerationRequest) -> bool:
+    """Whether the prompt's logits are needed: prompt logprobs, or target prompt tokens."""
+    return req.prompt_logprobs is not None or getattr(req, "target_prompt_tokens", None) is not None
 
 
 def resolve(loop, fut, result=None, exc: BaseException | None = None) -> None:

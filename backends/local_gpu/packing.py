@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +135,10 @@ class PackedBatch:
     cu_seq_lens: Tensor  # [B + 1] int32 datum boundaries, for varlen attention
     lengths: list[int]
     target_shapes: list[list[int]]  # per datum, to shape the returned logprobs
+    # Rows (positions) with at least one active target, found on the host while packing, so that
+    # the forward never asks the device which rows are active (a sync); and how many.
+    active_rows: Tensor
+    num_active: int
 
 
 def pack(data: list[Datum], loss_fn: str, config: dict[str, float], device: torch.device) -> PackedBatch:
@@ -180,16 +183,25 @@ def pack(data: list[Datum], loss_fn: str, config: dict[str, float], device: torc
             if len(parts) != len(data):
                 raise ValueError(f"{loss_fn}: loss_fn_inputs[{key!r}] is given for some datums only")
             out[key] = torch.where(row_active, torch.cat(parts), 0.0)
-    to = dict(device=device, non_blocking=True)
+    rows = active.any(-1).nonzero().squeeze(-1)  # on the host: no device sync
+
+    def to(t: Tensor) -> Tensor:
+        # Host-to-device copies only overlap with compute from pinned memory.
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+
     return PackedBatch(
-        input_ids=torch.tensor([tokens], dtype=torch.long).to(**to),
-        position_ids=torch.tensor([positions], dtype=torch.long).to(**to),
-        targets=target.to(**to),
-        inputs={key: v.to(**to) for key, v in out.items()},
-        datum=torch.tensor(datum_ids, dtype=torch.long).to(**to),
-        cu_seq_lens=torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(**to),
+        input_ids=to(torch.tensor([tokens], dtype=torch.long)),
+        position_ids=to(torch.tensor([positions], dtype=torch.long)),
+        targets=to(target),
+        inputs={key: to(v) for key, v in out.items()},
+        datum=to(torch.tensor(datum_ids, dtype=torch.long)),
+        cu_seq_lens=to(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)),
         lengths=lengths,
         target_shapes=shapes,
+        active_rows=to(rows),
+        num_active=int(rows.numel()),
     )
 
 
@@ -219,13 +231,49 @@ def block_causal_mask(position_ids: Tensor, dtype: torch.dtype) -> Tensor:
     return mask[None, None]
 
 
-def _per_datum_logprobs(lp: Tensor, batch: PackedBatch) -> list[dict[str, TensorData]]:
-    """Split [N, K] logprobs back per datum, NaN where the target is inactive, float32 on CPU."""
-    lp = torch.where(batch.targets >= 0, lp, math.nan).cpu()
+def _per_datum_logprobs(lp: Tensor, batch: PackedBatch, topk: tuple[Tensor, Tensor] | None = None
+                        ) -> list[dict[str, TensorData]]:
+    """Split host copies of [N, K] logprobs (NaN where the target is inactive) and of the [N, k]
+    top-k ids and logprobs back per datum, as float32 (ids int64)."""
     out, start = [], 0
     for n, shape in zip(batch.lengths, batch.target_shapes):
         k = shape[1] if len(shape) == 2 else 1
-        piece = lp[start:start + n, :k].reshape(shape).contiguous()
-        out.append({"logprobs": TensorData.from_torch(piece)})
+        piece = lp[start:start + n, :k].reshape(shape).float().contiguous()
+        entry = {"logprobs": TensorData.from_torch(piece)}
+        if topk is not None:
+            ids, vals = topk
+            entry["topk_token_ids"] = TensorData.from_torch(ids[start:start + n].long().contiguous())
+            entry["topk_logprobs"] = TensorData.from_torch(vals[start:start + n].float().contiguous())
+        out.append(entry)
         start += n
     return out
+
+
+def _to_host(stats: list[dict], results: list, grad_norm: Tensor | None):
+    """Everything a reply needs, copied to the host in one transfer (float64 holds float32
+    values and token ids exactly): the metrics' (numerator, denominator) pairs, the logprobs and
+    top-k of every micro-batch, and the gradient norm; returned in the same structure."""
+    parts: list[Tensor] = []
+    for s in stats:
+        for num, den in s.values():
+            parts += [num, den]
+    for lp, topk in results:
+        parts.append(lp)
+        if topk is not None:
+            parts += [topk[1], topk[0]]  # ids, logprobs
+    if grad_norm is not None:
+        parts.append(grad_norm)
+    device = parts[0].device
+    flat = torch.cat([p.detach().reshape(-1).to(device, torch.float64) for p in parts]).cpu()
+    pieces, i = [], 0
+    for p in parts:
+        pieces.append(flat[i:i + p.numel()].view(p.shape))
+        i += p.numel()
+    it = iter(pieces)
+    host_stats = [{name: (next(it), next(it)) for name in s} for s in stats]
+    host_results = []
+    for _, topk in results:
+        lp = next(it)
+        host_results.append((lp, None if topk is None else (next(it).long(), next(it).float())))
+    norm = float(next(it)) if grad_norm is not None else None
+    return host_stats, host_results, norm

@@ -30,6 +30,8 @@ seeded requests run in batches of their own, which gives identical results on ev
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import warnings
 from collections import deque
@@ -38,7 +40,7 @@ from pathlib import Path
 from loops_core.engine import GeneratedSequence, GenerationRequest, GenerationResult, SamplerEngine
 
 from . import kv_merge
-from .hf_queue import BatchQueue, Row, new_job, resolve
+from .hf_queue import BatchQueue, Row, new_job, resolve, wants_prompt_pass
 from .lora_rows import BASE as _BASE
 from .lora_rows import RowLoRA
 from .sampling_math import check_stop, prompt_logprobs, sample
@@ -58,6 +60,37 @@ def _resolve_model_path(base_model: str) -> str:
 
 def _adapter_name(version: int) -> str:
     return f"v{version}"
+
+
+def _cache_kwarg(decoder) -> str:
+    """The decoder's KV-cache keyword: ``cache`` in newer transformers (``past_key_values`` is
+    deprecated there), ``past_key_values`` before."""
+    return _cache_kwarg_of(type(decoder))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out, cache):
+    """The cache a decoder output carries (under either name), else the one passed in."""
+    for name in ("cache", "past_key_values"):
+        value = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
+        if value is not None:
+            return value
+    return cache
+
+
+def _check_targets(targets, prompt_len: int, vocab_size: int) -> None:
+    """``target_prompt_tokens``: [len(prompt) - 1, K] ids in [-1, vocab_size)."""
+    if targets is None:
+        return
+    if len(targets) != prompt_len - 1 or len({len(row) for row in targets}) > 1:
+        raise ValueError(f"target_prompt_tokens must be [len(prompt) - 1 = {prompt_len - 1}, K] token ids")
+    bad = [t for row in targets for t in row if not -1 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"target_prompt_tokens ids must be -1 or in [0, {vocab_size}), got {bad[:5]}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,9 +227,12 @@ class HFSamplerEngine(SamplerEngine):
         version = int(req.adapter or 0)
         if version and version not in self._loaded:
             raise KeyError(f"adapter version {version} is not loaded")
-        want_plp = req.prompt_logprobs is not None
-        if want_plp and req.prompt_logprobs < 0:
+        want_plp = wants_prompt_pass(req)
+        if req.prompt_logprobs is not None and req.prompt_logprobs < 0:
             raise ValueError("prompt_logprobs must be None or >= 0")
+        _check_targets(getattr(req, "target_prompt_tokens", None), len(prompt), self.vocab_size)
+        if not 0 <= int(getattr(req, "topk_sample_logprobs", 0) or 0) <= self.vocab_size:
+            raise ValueError("topk_sample_logprobs must be in [0, vocab_size]")
 
         max_new = int(req.max_tokens)
         if self.max_seq_len is not None:
@@ -329,7 +365,7 @@ class HFSamplerEngine(SamplerEngine):
                         cur, names, mask, next_pos, logits = joined
                         finished_since_prune = 0
                 act_rows = [rows[c] for c in cur]
-                toks, lps = sample(logits, act_rows)
+                toks, lps, tops = sample(logits, act_rows)
                 for j, r in enumerate(act_rows):
                     if r.done:
                         continue
@@ -340,6 +376,8 @@ class HFSamplerEngine(SamplerEngine):
                     t = toks[j]
                     r.tokens.append(t)
                     r.logprobs.append(lps[j])
+                    if tops is not None and tops[j] is not None:
+                        r.topks.append(tops[j])
                     check_stop(r, t, eos, self.tokenizer)
                     if r.done:
                         finished_since_prune += 1
@@ -362,10 +400,10 @@ class HFSamplerEngine(SamplerEngine):
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 with self._lora.adapters(self._peft, names):
                     out = self._decoder(input_ids=step_ids, attention_mask=mask,
-                                        position_ids=next_pos[:, None], past_key_values=cache,
-                                        use_cache=True)
+                                        position_ids=next_pos[:, None], use_cache=True,
+                                        **{_cache_kwarg(self._decoder): cache})
                     logits = self._logits(out.last_hidden_state[:, -1, :])
-                cache = out.past_key_values if out.past_key_values is not None else cache
+                cache = _returned_cache(out, cache)
                 next_pos = next_pos + 1
                 self.steps_run += 1
             del cache
@@ -398,10 +436,10 @@ class HFSamplerEngine(SamplerEngine):
         cache = self._new_cache()
         with self._lora.adapters(self._peft, names):
             out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                past_key_values=cache, use_cache=True)
+                                use_cache=True, **{_cache_kwarg(self._decoder): cache})
             hidden = out.last_hidden_state
             last_logits = self._logits(hidden[:, -1, :])
-        cache = out.past_key_values if out.past_key_values is not None else cache
+        cache = _returned_cache(out, cache)
 
         for i, r in enumerate(rows):
             if r.want_prompt_lp:
@@ -458,20 +496,29 @@ class HFSamplerEngine(SamplerEngine):
         """Prompt logprobs (temperature 1) of ``row``'s prompt from its prefill hidden states."""
         job = row.job
         k = min(int(job.req.prompt_logprobs or 0), self.vocab_size)
-        job.prompt_logprobs, job.prompt_topk = prompt_logprobs(
+        lps, tops, named = prompt_logprobs(
             hidden, job.req.prompt, k, self.vocab_size, self._logits,
-            self._lora.adapters(self._peft, [name]))
+            self._lora.adapters(self._peft, [name]), getattr(job.req, "target_prompt_tokens", None))
+        if job.req.prompt_logprobs is not None:
+            job.prompt_logprobs, job.prompt_topk = lps, tops
+        job.target_prompt_logprobs = named
 
     def _finish_row(self, r: Row) -> None:
         job = r.job
         if r.index >= 0:
             text = r.text if r.text is not None else self.decode(r.tokens)
-            job.sequences[r.index] = GeneratedSequence(
+            seq = GeneratedSequence(
                 tokens=list(r.tokens), logprobs=[float(x) for x in r.logprobs],
                 finish_reason=r.finish_reason or "length", text=text)
+            if r.topk:
+                seq.topk = [list(t) for t in r.topks]
+            job.sequences[r.index] = seq
         job.rows_left -= 1
         if job.rows_left == 0 and not job.failed:
             result = GenerationResult(sequences=list(job.sequences),  # type: ignore[arg-type]
                                       prompt_logprobs=job.prompt_logprobs,
                                       prompt_topk=job.prompt_topk)
+            # No prefix cache here: every prompt token is computed (prompt_cache_hit_tokens = 0).
+            if job.target_prompt_logprobs is not None:
+                result.target_prompt_logprobs = job.target_prompt_logprobs
             resolve(job.loop, job.future, result)

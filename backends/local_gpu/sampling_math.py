@@ -20,11 +20,12 @@ from typing import Any
 _PROMPT_LOGITS_BUDGET = 1 << 25  # 128 MiB of float32
 
 
-def sample(logits, rows: list[Any]) -> tuple[list[int], list[float]]:
-    """One token per row of ``logits`` [B, V] (float32), with its logprob.
+def sample(logits, rows: list[Any]) -> tuple[list[int], list[float], list | None]:
+    """One token per row of ``logits`` [B, V] (float32), with its logprob, and for rows whose
+    ``topk`` > 0 the ``topk`` best (token, logprob) of the same distribution (else None).
 
     ``rows[j]`` holds row j's settings (an ``hf_queue.Row``): ``temperature``, ``greedy``,
-    ``top_k``, ``top_p``, ``done``, and the ``generator`` it draws from.
+    ``top_k``, ``top_p``, ``topk``, ``done``, and the ``generator`` it draws from.
     """
     import torch
 
@@ -47,7 +48,13 @@ def sample(logits, rows: list[Any]) -> tuple[list[int], list[float]]:
         chosen = gumbel_max(probs, [rows[j].generator for j in samp])
         tok[torch.tensor(samp, dtype=torch.long, device=dev)] = chosen
     lp = logp.gather(1, tok[:, None])[:, 0]
-    return tok.tolist(), lp.tolist()
+    kmax = max((getattr(r, "topk", 0) for r in rows), default=0)
+    tops = None
+    if kmax:
+        v, ix = torch.topk(logp, min(kmax, V), dim=-1, sorted=True)
+        v, ix = v.tolist(), ix.tolist()
+        tops = [list(zip(ix[j][:r.topk], v[j][:r.topk])) if r.topk else None for j, r in enumerate(rows)]
+    return tok.tolist(), lp.tolist(), tops
 
 
 def top_k_top_p_mask(probs, top_k: list[int], top_p: list[float]):
@@ -104,11 +111,14 @@ def check_stop(r: Any, t: int, eos: set[int], tokenizer) -> None:
         r.done, r.finish_reason = True, "length"
 
 
-def prompt_logprobs(hidden, prompt: list[int], k: int, vocab_size: int, logits_fn, adapters):
+def prompt_logprobs(hidden, prompt: list[int], k: int, vocab_size: int, logits_fn, adapters,
+                    targets_k: list[list[int]] | None = None):
     """Prompt logprobs (temperature 1) of ``prompt`` from its prefill hidden states [P, H].
 
-    Returns ``(logprobs, topk)``: None for the first token, then each token's logprob and, when
-    ``k > 0``, its ``k`` best ``(token, logprob)`` (``topk`` is None when ``k == 0``).
+    Returns ``(logprobs, topk, target_logprobs)``: None for the first token, then each token's
+    logprob and, when ``k > 0``, its ``k`` best ``(token, logprob)`` (``topk`` is None when
+    ``k == 0``); with ``targets_k`` ([P - 1, K] ids, -1 for none) the logprob of each named id
+    as the prediction of prompt token i + 1 (0.0 where the id is -1), else None.
     ``logits_fn`` maps hidden states to float32 logits; ``adapters`` is the context in which it
     uses the row's adapter, entered only when there is something to compute.
     """
@@ -117,6 +127,10 @@ def prompt_logprobs(hidden, prompt: list[int], k: int, vocab_size: int, logits_f
     P = len(prompt)
     lps: list[float | None] = [None]
     tops: list[list[tuple[int, float]] | None] | None = [None] if k > 0 else None
+    named = None
+    if targets_k is not None:
+        named_ids = torch.tensor(targets_k, dtype=torch.long, device=hidden.device).reshape(P - 1, -1)
+        named = []
     if P > 1:
         targets = torch.tensor(prompt[1:], dtype=torch.long, device=hidden.device)
         chunk = max(1, _PROMPT_LOGITS_BUDGET // max(1, vocab_size))
@@ -129,5 +143,9 @@ def prompt_logprobs(hidden, prompt: list[int], k: int, vocab_size: int, logits_f
                     v, ix = torch.topk(logp, k, dim=-1, sorted=True)
                     for vv, ii in zip(v.tolist(), ix.tolist()):
                         tops.append(list(zip(ii, vv)))
+                if named is not None:
+                    ids = named_ids[s:e]
+                    picked = logp.gather(1, ids.clamp(min=0))
+                    named.extend(torch.where(ids >= 0, picked, 0.0).tolist())
                 del logp
-    return lps, tops
+    return lps, tops, named

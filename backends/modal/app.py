@@ -29,14 +29,14 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import modal
 
 from loops_core.checkpoints import loops_home
 
-from .container import ContainerConfig, ContainerSpec, build_server, container_env_summary
-from .settings import HF_CACHE_MOUNT, HF_CACHE_VOLUME, VOLUME_MOUNT
+from .container import ContainerConfig, ContainerSpec, FailedServer, build_server, container_env_summary
+from .settings import DEFAULT_VOLUME, HF_CACHE_MOUNT, HF_CACHE_VOLUME, VOLUME_MOUNT
 
 log = logging.getLogger("loops.modal")
 
@@ -44,39 +44,38 @@ MAX_INPUTS = 256            # concurrent requests per container (the client open
 REQUEST_TIMEOUT_S = 3600    # one request's execution (web requests are cut at 150 s by Modal's proxy anyway)
 STARTUP_TIMEOUT_S = 1800    # @enter: image pull + model download + load; big models take minutes
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
-# Where the client asks for images with the local engine; fake-engine images need only the core.
-VLLM_SPEC = "vllm>=0.10.2"
+# The versions the project tests, pinned in the images so that a container runs what CI ran
+# (vLLM: the GPU issue's choice; it pins its own torch and transformers in the sampler image).
+TESTED = {"torch": "2.13.0", "transformers": "5.24.0", "peft": "0.21.2", "tokenizers": "0.23.3", "vllm": "0.33.0"}
 FALLBACK_CORE = ["pydantic>=2.6", "httpx>=0.27", "pluggy>=1.3", "numpy>=1.26", "safetensors>=0.4",
                  "starlette>=0.37", "uvicorn>=0.29", "tqdm>=4.66"]
-FALLBACK_LOCAL = ["torch>=2.3", "transformers>=4.51", "peft>=0.13", "tokenizers>=0.19"]
 
 
 # ---- images -----------------------------------------------------------------------------------
-def requirements(extra: str | None = None) -> list[str]:
-    """The installed distribution's requirements: the core ones, or one extra's (from its metadata,
-    so the image follows pyproject.toml)."""
+def requirements() -> list[str]:
+    """The installed distribution's core requirements (from its metadata, so the image follows
+    pyproject.toml)."""
     try:
         reqs = importlib.metadata.requires("loops") or []
     except importlib.metadata.PackageNotFoundError:
-        return list(FALLBACK_LOCAL if extra == "local" else [] if extra else FALLBACK_CORE)
-    out = []
-    for r in reqs:
-        spec, _, marker = r.partition(";")
-        marker = marker.replace(" ", "").replace("'", '"')
-        if (extra is None and not marker) or (extra is not None and marker == f'extra=="{extra}"'):
-            out.append(spec.strip())
-    return out
+        return list(FALLBACK_CORE)
+    return [r.strip() for r in reqs if ";" not in r]
+
+
+def pinned(*names: str) -> list[str]:
+    return [f"{n}=={TESTED[n]}" for n in names]
 
 
 def image_packages(role: str, engine: str) -> list[str]:
-    """What pip installs in ``role``'s image."""
+    """What pip installs in ``role``'s image: the core, and the engine's stack at the tested versions."""
     pkgs = requirements()
     if engine == "fake":
         return pkgs
     if role == "trainer":
-        return [*pkgs, *requirements("local")]
-    # vLLM pins its own torch and transformers; peft and tokenizers serve the HF fallback.
-    return [*pkgs, os.environ.get("LOOPS_MODAL_VLLM_SPEC") or VLLM_SPEC, "peft>=0.13", "tokenizers>=0.19"]
+        return [*pkgs, *pinned("torch", "transformers", "peft", "tokenizers")]
+    # vLLM brings its own torch and transformers; peft serves the HF fallback and LoRA loading.
+    vllm = os.environ.get("LOOPS_MODAL_VLLM_SPEC") or f"vllm=={TESTED['vllm']}"
+    return [*pkgs, vllm, *pinned("peft")]
 
 
 def image(role: str, engine: str) -> modal.Image:
@@ -88,16 +87,33 @@ def image(role: str, engine: str) -> modal.Image:
 
 
 # ---- the container classes --------------------------------------------------------------------
+def serve_container(role: str, env: Mapping[str, str], *, volume: Any = None, local: Any = None,
+                    fail: str | None = None) -> Any:
+    """What a container's ``@modal.enter()`` does: the server for ``role`` from ``env`` (the secret),
+    with checkpoints on ``volume``. The fake control plane calls it too, with the function's secret
+    and a view of its Volume (``fail`` scripts an error here).
+
+    A server that cannot be built is replaced by ``FailedServer``, which answers every request with
+    the error: raising instead would crash the container, and Modal would start it again (another
+    GPU cold start, each failing the same way) while the client waits for ``/health``."""
+    try:
+        if fail:
+            raise RuntimeError(fail)
+        config = ContainerConfig.from_env(env)
+        if config.role != role:
+            raise RuntimeError(f"the {role} container was given a {config.role} configuration")
+        log.warning("loops %s starting: %s", role, container_env_summary(env))
+        return build_server(config, volume=volume, local=local)
+    except Exception as exc:
+        log.exception("loops %s failed to start", role)
+        return FailedServer(role, exc)
+
+
 def _start(role: str) -> Any:
-    config = ContainerConfig.from_env(os.environ)
-    if config.role != role:
-        raise RuntimeError(f"the {role} container was given a {config.role} configuration")
+    name = os.environ.get("LOOPS_MODAL_VOLUME") or DEFAULT_VOLUME
     if modal.is_local():  # Function.local(): no Volume is mounted in this process
-        volume, local = None, loops_home() / "modal-local-volume"
-    else:
-        volume, local = modal.Volume.from_name(config.volume), None
-    log.warning("loops %s starting: %s", role, container_env_summary())
-    return build_server(config, volume=volume, local=local)
+        return serve_container(role, os.environ, local=loops_home() / "modal-local-volume")
+    return serve_container(role, os.environ, volume=modal.Volume.from_name(name))
 
 
 def _stop(server: Any) -> None:

@@ -16,16 +16,25 @@ request and stop after ``scaledown`` idle seconds (900 by default; the trainer r
 newest save_state if it is restarted). ``ServiceClient.close()`` stops every app the session
 started; if the process dies instead, Modal stops its ephemeral apps once the client's heartbeats
 stop. ``detach=True`` keeps them running after this process for ``reuse_from_session_id``; stop
-them with ``modal app stop <name>`` (names: ``loops-<session>-<n>-trainer|sampler``).
+them with ``modal app stop <app-id>`` (apps started with ``app.run()`` are named by id, ``ap-...``;
+errors and logs give them). ``close()`` also runs at interpreter exit, and stops apps still being
+started (Ctrl-C during provisioning); a failed start stops its apps, detached or not.
 
-The provisioning seam is ``platform.Platform``: ``ModalPlatform`` with a token, or the in-process
-``standin.ModalStandIn`` when one is active (tests; ``contract_environment``).
+Failing containers. A server that cannot start answers ``/health`` with its error, reported at
+once; a container that keeps dying before it serves (Modal's proxy answers 5xx) is reported after
+``CRASH_WINDOW_S``, not retried until ``ready_timeout``. Both name the app id and the command that
+shows its logs.
+
+The provisioning seam is ``platform.Platform``; ``ModalPlatform`` implements it with the modal
+client. Tests run that client against ``fake_control_plane.FakeModal`` (``contract_environment``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +42,9 @@ import secrets
 import time
 import uuid
 import warnings
+import weakref
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -41,27 +52,31 @@ import httpx
 from loops_core.backend import Backend, SamplerHandle, TrainerHandle
 from loops_core.checkpoints import KINDS, META, check_name, parse_uri
 from loops_core.errors import APIConnectionError, InvalidRequestError, NotFoundError
-from loops_core.types import Checkpoint, CheckpointFile, CheckpointFilesResponse, ServerCapabilities, SupportedModel
+from loops_core.types import (Checkpoint, CheckpointDownload, CheckpointFile, CheckpointFilesResponse,
+                              ServerCapabilities, SupportedModel)
 from loops_core.wire import Endpoint
 
 from .container import ContainerConfig, ContainerSpec
 from .platform import ModalPlatform, Platform, Started
 from .settings import GPU_CLASSES, ModalSettings
-from .standin import active_standin, standin_from_env
 
 log = logging.getLogger("loops.modal")
 HEALTH_TIMEOUT = httpx.Timeout(160.0, connect=30.0)  # a cold container may hold the first request ~150 s
+# How long Modal's proxy may answer 5xx for a container that does not come up before we call it a
+# crash at start (a cold start holds the request instead; it does not answer 5xx).
+CRASH_WINDOW_S = 120.0
 
 
 class ModalBackend(Backend):
     name = "modal"
-    capabilities = frozenset({"checkpoints", "sampler_pinning", "standalone_sampler", "tokenizer"})
+    capabilities = frozenset({"checkpoints", "checkpoint_delete", "sampler_pinning", "standalone_sampler",
+                              "tokenizer"})
 
     def __init__(self, config):  # noqa: ANN001
         super().__init__(config)
         self.settings = ModalSettings.resolve(config.options)
-        # Without a stand-in this checks for a Modal token now, so a missing one fails at once.
-        self.platform: Platform = active_standin() or ModalPlatform(self.settings)
+        # Checks for Modal credentials now, so missing ones fail at once.
+        self.platform: Platform = ModalPlatform(self.settings)
         self.api_key = secrets.token_urlsafe(32)
         self.session_id = ""
         self._started: list[Started] = []
@@ -69,16 +84,31 @@ class ModalBackend(Backend):
         self._reusable: list[dict[str, Any]] = []   # pairs of the session named by reuse_from_session_id
         self._adopted: list[dict[str, Any]] = []
         self._count = 0
+        self._closing = False
+        # A script that ends without close() must not leave GPUs running until Modal notices the
+        # missing heartbeats. Registered after modal's own atexit hooks, so it runs before them,
+        # while the modal client can still talk.
+        self._atexit = _close_at_exit(weakref.ref(self))
+        atexit.register(self._atexit)
 
     @classmethod
     @contextlib.contextmanager
     def contract_environment(cls) -> Iterator[None]:
-        """The contract suite runs through the in-process stand-in, unless ``LOOPS_MODAL_CONTRACT=real``."""
+        """The contract suite runs the real modal client against the fake control plane (numpy
+        engine unless ``LOOPS_MODAL_ENGINE`` says otherwise), or on Modal with ``LOOPS_MODAL_CONTRACT=real``."""
         if os.environ.get("LOOPS_MODAL_CONTRACT", "").lower() == "real":
             yield
             return
-        with standin_from_env().active():
-            yield
+        from .fake_control_plane import FakeModal
+
+        engine = os.environ.get("LOOPS_MODAL_ENGINE")
+        os.environ["LOOPS_MODAL_ENGINE"] = engine or "fake"
+        try:
+            with FakeModal().active():
+                yield
+        finally:
+            if engine is None:
+                os.environ.pop("LOOPS_MODAL_ENGINE", None)
 
     # ---- sessions -------------------------------------------------------------------------------
     async def start_session(self) -> str:
@@ -107,10 +137,18 @@ class ModalBackend(Backend):
                              detach=self.settings.detach, output=self.settings.output)
         started = await self.platform.start(spec)
         self._started.append(started)
+        if self._closing:  # closed (or the interpreter is exiting) while this one was starting
+            await self._stop([started], terminate=True)
+            raise APIConnectionError(f"the session was closed while the Modal {config.role} was starting")
         return started
 
     def _endpoint(self, url: str, key: str) -> Endpoint:
-        return Endpoint(url=url, api_key=key)
+        # Keys are never pickled: a pickled client re-reads it from ``api_key_env``. The variable is
+        # named after the key and set here, so clients unpickled in this process or its children
+        # find it; elsewhere, export it (the error names it).
+        env = f"LOOPS_MODAL_API_KEY_{hashlib.sha256(key.encode()).hexdigest()[:12].upper()}"
+        os.environ[env] = key
+        return Endpoint(url=url, api_key=key, api_key_env=env)
 
     # ---- provisioning -------------------------------------------------------------------------
     async def create_trainer(self, base_model: str, *, rank: int, seed: int | None, ready_timeout: float,
@@ -129,7 +167,7 @@ class ModalBackend(Backend):
                 mine.append(trainer)
                 await asyncio.gather(wait_healthy(sampler, ready_timeout), wait_healthy(trainer, ready_timeout))
             except BaseException:
-                await self._stop(mine)
+                await self._stop(mine, terminate=True)
                 raise
             pair = {"run_id": run_id, "base_model": base_model, "trainer_url": trainer.url,
                     "sampler_url": sampler.url, "api_key": self.api_key,
@@ -148,7 +186,8 @@ class ModalBackend(Backend):
                 return None
             self._reusable.remove(pair)
             names = dict(zip(("sampler", "trainer"), pair.get("apps", [])))
-            probes = [Started(role, pair[f"{role}_url"], None, names.get(role, role), _noop)
+            ids = dict(zip(("sampler", "trainer"), pair.get("app_ids", [])))
+            probes = [Started(role, pair[f"{role}_url"], ids.get(role), names.get(role, role), _noop)
                       for role in ("sampler", "trainer")]
             try:
                 await asyncio.gather(*(wait_healthy(p, ready_timeout, probe=True) for p in probes))
@@ -183,7 +222,7 @@ class ModalBackend(Backend):
         try:
             await wait_healthy(started, ready_timeout)
         except BaseException:
-            await self._stop([started])
+            await self._stop([started], terminate=True)
             raise
         return SamplerHandle(sampler=self._endpoint(started.url, self.api_key), base_model=base_model,
                              sampler_id=sampler_id, checkpoint_path=model_path)
@@ -240,17 +279,53 @@ class ModalBackend(Backend):
                             for e in page],
             next_page_token=nxt if nxt < len(files) else None, total_count=len(files))
 
+    async def delete_checkpoint(self, checkpoint_id: str) -> None:
+        run_id, kind, name = _split_checkpoint_id(checkpoint_id)
+        base = f"runs/{run_id}/{kind}/{name}"
+        if await self.platform.read_file(f"{base}/{META}") is None:
+            raise NotFoundError(f"checkpoint {checkpoint_id!r} not found on the Modal volume {self.settings.volume!r}",
+                                status_code=404)
+        await self.platform.remove(base)
+
+    async def download_checkpoint(self, checkpoint_id: str, dest_dir: str | Path) -> CheckpointDownload:
+        """Every file of a checkpoint, read from the Volume through the modal client (its files have
+        no public URL)."""
+        from loops_core.download import prepare_dest, target_path
+
+        files = await self.list_checkpoint_files(checkpoint_id)
+        dest = prepare_dest(dest_dir)
+        run_id, kind, name = _split_checkpoint_id(checkpoint_id)
+        total = 0
+        for f in files:
+            data = await self.platform.read_file(f"runs/{run_id}/{kind}/{name}/{f.relative_file_name}")
+            if data is None:
+                raise NotFoundError(f"{f.relative_file_name} of checkpoint {checkpoint_id!r} vanished from the "
+                                    f"Modal volume {self.settings.volume!r}", status_code=404)
+            path = target_path(dest, f.relative_file_name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(path.write_bytes, data)
+            total += len(data)
+        return CheckpointDownload(dest_dir=str(dest), file_count=len(files), bytes_written=total)
+
     # ---- teardown -------------------------------------------------------------------------------
-    async def _stop(self, started: list[Started]) -> None:
+    async def _stop(self, started: list[Started], *, terminate: bool = False) -> None:
+        """Leave each app's ``app.run()`` (which ends an ephemeral app); ``terminate`` also stops a
+        detached one (a start that failed leaves nothing running)."""
         for s in reversed(started):
             if s in self._started:
                 self._started.remove(s)
             try:
                 await s.stop()
+                if terminate and self.settings.detach and s.app_id:
+                    await self.platform.stop_app(s.app_id)
             except Exception as exc:
-                log.warning("could not stop Modal app %s: %s", s.app_name, exc)
+                log.warning("could not stop Modal app %s (%s): %s; stop it with `modal app stop %s`",
+                            s.app_id, s.app_name, exc, s.app_id)
 
     async def aclose(self) -> None:
+        self._closing = True
+        atexit.unregister(self._atexit)
+        await self.platform.stop_pending()
         await self._stop(list(self._started))
         adopted, self._adopted = self._adopted, []
         if not self.settings.detach:  # a reused pair is this session's now: it goes with it
@@ -259,7 +334,23 @@ class ModalBackend(Backend):
                     try:
                         await self.platform.stop_app(app_id)
                     except Exception as exc:
-                        log.warning("could not stop Modal app %s: %s", app_id, exc)
+                        log.warning("could not stop Modal app %s: %s; stop it with `modal app stop %s`",
+                                    app_id, exc, app_id)
+
+
+def _close_at_exit(ref: "weakref.ref[ModalBackend]"):  # noqa: ANN202
+    def close() -> None:
+        backend = ref()
+        if backend is None or backend._closing:
+            return
+        from loops_core.futures import run_sync
+
+        try:
+            run_sync(backend.aclose(), timeout=60)
+        except Exception as exc:
+            log.warning("closing the Modal session at exit failed: %s", exc)
+
+    return close
 
 
 async def _noop() -> None:
@@ -286,35 +377,56 @@ def _split_checkpoint_id(checkpoint_id: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
+def logs_hint(started: Started) -> str:
+    if started.app_id:
+        return f"its logs: `modal app logs {started.app_id}` (app {started.app_name})"
+    return f"its logs: the Modal dashboard (app {started.app_name})"
+
+
 async def wait_healthy(started: Started, timeout: float, *, probe: bool = False) -> None:
     """Wait until ``started`` answers ``GET /health`` with ok. Redirects are followed: Modal answers
-    a request that waited 150 s for a cold container with a 303 to the same request."""
-    deadline = time.monotonic() + timeout
-    last, attempt = "no answer yet", 0
+    a request that waited 150 s for a cold container with a 303 to the same request. A server that
+    failed to start says so (raised at once); 5xx answers from Modal's proxy for longer than
+    ``CRASH_WINDOW_S`` mean a container that dies before it serves."""
+    start = time.monotonic()
+    deadline = start + timeout
+    last, attempt, failing_since = "no answer yet", 0, None
     async with httpx.AsyncClient(follow_redirects=True, timeout=HEALTH_TIMEOUT) as client:
         while True:
             try:
                 r = await client.get(started.url.rstrip("/") + "/health")
-                if r.status_code == 200 and _ok(r):
+                body = _json(r)
+                if r.status_code == 200 and body.get("status") == "ok":
                     return
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
+                last = f"HTTP {r.status_code}: {r.text[:300]}"
+                if body.get("status") == "failed":
+                    raise APIConnectionError(f"the Modal {started.role} failed to start: {body.get('detail')}; "
+                                             f"{logs_hint(started)}")
                 if 400 <= r.status_code < 500 and r.status_code not in (408, 425, 429):
                     # Modal's answer for a stopped or unknown app; our /health never says 4xx
-                    raise APIConnectionError(f"the Modal {started.role} at {started.url} answers {last}: "
-                                             "its app is stopped or gone")
+                    raise APIConnectionError(f"the Modal {started.role} at {started.url} answers {last}: its app is "
+                                             f"stopped or gone; {logs_hint(started)}")
+                if r.status_code >= 500:
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > CRASH_WINDOW_S:
+                        raise APIConnectionError(
+                            f"the Modal {started.role} container keeps failing at start ({last}, for "
+                            f"{time.monotonic() - failing_since:.0f} s); {logs_hint(started)}")
+                else:
+                    failing_since = None
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             if time.monotonic() > deadline:
                 what = "is not answering" if probe else f"was not healthy after {timeout:.0f} s"
-                raise APIConnectionError(
-                    f"the Modal {started.role} at {started.url} {what} (last: {last}). Its logs: "
-                    f"`modal app logs {started.app_name}` or the Modal dashboard")
+                raise APIConnectionError(f"the Modal {started.role} at {started.url} {what} (last: {last}); "
+                                         f"{logs_hint(started)}")
             await asyncio.sleep(min(5.0, 0.05 * 2 ** attempt))
             attempt += 1
 
 
-def _ok(r: httpx.Response) -> bool:
+def _json(r: httpx.Response) -> dict:
     try:
-        return r.json().get("status") == "ok"
-    except (ValueError, AttributeError):
-        return False
+        body = r.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}

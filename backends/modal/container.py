@@ -2,15 +2,12 @@
 configured from environment variables, with checkpoints on a Modal Volume.
 
 This module imports no ``modal``: the container classes in ``app.py`` call ``build_server`` from
-their ``@modal.enter()`` hook, and the in-process stand-in (``standin.py``) calls it directly.
+their ``@modal.enter()`` hook (``app.serve_container``), which the fake control plane calls too.
 
-The Volume hand-off. A Modal Volume is not a shared disk: a writer's files reach other containers
-only after the writer calls ``volume.commit()`` and the reader calls ``volume.reload()``. The
-servers read and write checkpoints only through their ``CheckpointStore``, so
-``VolumeCheckpointStore`` is the one place that knows: ``create`` (save_state,
-save_weights_for_sampler) commits before it returns, which is before the trainer tells the sampler
-to load the adapter; ``resolve`` / ``list`` / ``get`` reload first, so the sampler sees what the
-trainer committed. No server code changes.
+The Volume hand-off (commit after writes, reload before reads, off the event loop) is in
+``volume.py``. Two things here exist because the servers run behind Modal's web proxy: a server
+that cannot start answers with its error (``FailedServer``), and the trainer's publish to its
+sampler follows the proxy's 303 (``FollowRedirects``).
 """
 
 from __future__ import annotations
@@ -18,21 +15,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path, PurePosixPath
-from typing import Any, Mapping, Protocol
+from pathlib import Path
+from typing import Any, Mapping
+
+import httpx
 
 from loops_core.checkpoints import CheckpointStore
-from loops_core.types import Checkpoint
 
 from .settings import DEFAULT_VOLUME, POLL_HOLD_S, VOLUME_MOUNT
+from .volume import PublishedJournal, Volume, VolumeCheckpointStore, VolumeSyncMiddleware
 
 log = logging.getLogger("loops.modal")
 ENV_PREFIX = "LOOPS_MODAL_"
-
-
-class Volume(Protocol):
-    def commit(self) -> None: ...
-    def reload(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -93,64 +87,6 @@ class ContainerSpec:
         return self.config.role
 
 
-class VolumeCheckpointStore(CheckpointStore):
-    """A ``CheckpointStore`` on a Modal Volume mounted at ``mount``.
-
-    ``local`` is where the mount is seen from this process: the same path in a real container;
-    elsewhere in the stand-in, where each "container" has its own view. Paths the store hands out
-    (the adapter directory the trainer sends to its sampler) are in mount terms, so they mean the
-    same thing in every container.
-    """
-
-    def __init__(self, mount: str = VOLUME_MOUNT, *, volume: Volume | None = None, local: Path | str | None = None):
-        self.mount = PurePosixPath(mount)
-        self.local = Path(local if local is not None else mount)
-        self.volume = volume
-        super().__init__(self.local / "runs")
-
-    # ---- commit after writes, reload before reads ---------------------------------------------
-    def create(self, run_id: str, kind: str, name: str, **kw: Any) -> tuple[Path, Checkpoint]:
-        directory, ckpt = super().create(run_id, kind, name, **kw)
-        if self.volume is not None:
-            self.volume.commit()  # before the trainer notifies the sampler: it must see these files
-        return self._to_mount(directory), ckpt
-
-    def resolve(self, path: str, *, kind: str | None = None) -> Path:
-        self.reload()
-        return super().resolve(self._to_local(path), kind=kind)
-
-    def list(self, run_id: str) -> list[Checkpoint]:
-        self.reload()
-        return super().list(run_id)
-
-    def get(self, checkpoint_id: str) -> tuple[Checkpoint, Path]:
-        self.reload()
-        return super().get(checkpoint_id)
-
-    def reload(self) -> None:
-        if self.volume is None:
-            return
-        try:
-            self.volume.reload()
-        except Exception as exc:  # Modal refuses while files are open; what is there is still readable
-            log.warning("volume reload failed (%s: %s); reading the container's current view",
-                        type(exc).__name__, exc)
-
-    # ---- mount <-> local paths (the identity in a real container) ------------------------------
-    def _to_mount(self, directory: Path) -> Path:
-        try:
-            return Path(self.mount / directory.relative_to(self.local))
-        except ValueError:
-            return directory
-
-    def _to_local(self, path: str) -> str:
-        if isinstance(path, str) and path.startswith("/"):
-            p = PurePosixPath(path)
-            if p == self.mount or self.mount in p.parents:
-                return str(self.local / p.relative_to(self.mount))
-        return path
-
-
 # ---- engines ----------------------------------------------------------------------------------
 def make_trainer_engine(config: ContainerConfig):  # noqa: ANN201
     rank = config.rank or 32
@@ -194,18 +130,74 @@ def build_server(config: ContainerConfig, *, volume: Volume | None = None,
     from loops_core.server.trainer import SamplerLink, TrainerServer
 
     store = VolumeCheckpointStore(config.mount, volume=volume, local=local)
+    store.reload()  # a new container sees what was committed before it started
     if config.role == "sampler":
-        return SamplerServer(make_sampler_engine(config), store=store, api_key=config.api_key)
+        server = SamplerServer(make_sampler_engine(config), store=store, api_key=config.api_key)
+        stamp = server.app if hasattr(server.app, "value") else None  # loops_core's IncarnationMiddleware
+        server.app = VolumeSyncMiddleware(server.app, store, "sampler", api_key=config.api_key, stamp=stamp,
+                                          journal=PublishedJournal(store, config.run_id))
+        return server
     if config.role != "trainer":
         raise RuntimeError(f"unknown container role {config.role!r}")
     link = None
     if config.sampler_url:
-        link = SamplerLink(url=config.sampler_url,
+        link = SamplerLink(url=config.sampler_url, transport=FollowRedirects(),
                            headers={"Authorization": f"Api-Key {config.api_key}"} if config.api_key else None)
+    # A new TrainerServer per container draws a new incarnation id: clients see a restarted trainer.
     server = TrainerServer(make_trainer_engine(config), run_id=config.run_id, store=store, sampler=link,
                            seed=config.seed, api_key=config.api_key, poll_hold=config.poll_hold)
     resume_latest(server, store)
+    server.app = VolumeSyncMiddleware(server.app, store, "trainer")
     return server
+
+
+class FollowRedirects(httpx.AsyncBaseTransport):
+    """A transport that follows redirects: Modal answers a web request that runs past 150 s with a
+    303 to the same URL plus ``__modal_function_call_id``, whose GET waits for the result. Without
+    this, the trainer counted the 303 as a successful publish."""
+
+    REDIRECTS = (301, 302, 303, 307, 308)
+
+    def __init__(self, inner: httpx.AsyncBaseTransport | None = None, max_hops: int = 50):
+        self.inner = inner or httpx.AsyncHTTPTransport()
+        self.max_hops = max_hops
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        for _ in range(self.max_hops):
+            response = await self.inner.handle_async_request(request)
+            location = response.headers.get("location")
+            if response.status_code not in self.REDIRECTS or not location:
+                return response
+            await response.aread()
+            await response.aclose()
+            as_get = response.status_code == 303 and request.method != "GET"
+            headers = [(k, v) for k, v in request.headers.multi_items()
+                       if not (as_get and k.lower() in ("content-length", "content-type"))]
+            request = httpx.Request("GET" if as_get else request.method, request.url.join(location),
+                                    headers=headers, content=None if as_get else request.content,
+                                    extensions=request.extensions)
+        raise httpx.TooManyRedirects(f"more than {self.max_hops} redirects", request=request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class FailedServer:
+    """What a container serves when its server could not be built: every route, ``/health``
+    included, answers 503 with the error, so the client reports it at once."""
+
+    def __init__(self, role: str, error: BaseException):
+        self.role = role
+        self.error = f"{type(error).__name__}: {error}"
+        self.shutting_down = True
+
+    async def app(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        from starlette.responses import JSONResponse
+
+        await JSONResponse({"status": "failed", "role": self.role, "detail": f"the {self.role} could not start: "
+                            f"{self.error}"}, 503)(scope, receive, send)
 
 
 def resume_latest(server: Any, store: CheckpointStore) -> None:

@@ -17,17 +17,15 @@ option             env                         meaning (default)
 
 A GPU value may list fallbacks, ``"H100,A100-80GB"``: Modal takes the first type it can get.
 ``HF_TOKEN`` (when set) reaches the containers as a Modal secret, for gated models.
-``LOOPS_MODAL_VLLM_SPEC`` overrides the sampler image's vLLM requirement (``vllm>=0.10.2``).
-Tests: ``LOOPS_MODAL_CONTRACT=real`` runs the contract suite on real Modal instead of the stand-in;
-``LOOPS_MODAL_STANDIN_ENGINE`` (``fake`` | ``local``) picks the stand-in's engine there.
+``LOOPS_MODAL_VLLM_SPEC`` overrides the sampler image's vLLM requirement (``vllm==0.33.0``).
+Tests: ``LOOPS_MODAL_CONTRACT=real`` runs the contract suite on real Modal instead of the fake
+control plane (``fake_control_plane.FakeModal``).
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 from loops_core.errors import AuthenticationError, InvalidRequestError
@@ -103,30 +101,23 @@ def _flag(value: Any) -> bool:
     return bool(value)
 
 
-def modal_credentials_present(env: Mapping[str, str] | None = None) -> bool:
-    """Whether the modal client will find a token: the env pair, or a profile in ``~/.modal.toml``
-    (``MODAL_CONFIG_PATH`` moves that file; ``MODAL_PROFILE`` picks the profile)."""
-    env = os.environ if env is None else env
-    if env.get("MODAL_TOKEN_ID") and env.get("MODAL_TOKEN_SECRET"):
+def modal_credentials_present() -> bool:
+    """Whether the modal client will find credentials, asked of modal's own configuration lookup
+    (``MODAL_TOKEN_ID`` / ``MODAL_TOKEN_SECRET``, else the active profile of ``~/.modal.toml`` or
+    ``MODAL_CONFIG_PATH``, as ``MODAL_PROFILE`` picks it; or the OAuth settings), so that this check
+    accepts and refuses exactly what ``modal.Client.from_env`` does."""
+    from modal.config import config
+
+    if config.get("token_id") and config.get("token_secret"):
         return True
-    path = Path(env.get("MODAL_CONFIG_PATH") or Path.home() / ".modal.toml").expanduser()
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
-    profiles = {k: v for k, v in data.items() if isinstance(v, dict)}
-    chosen = env.get("MODAL_PROFILE")
-    if chosen in profiles:
-        candidates = [profiles[chosen]]
-    else:
-        candidates = [p for p in profiles.values() if p.get("active")] or list(profiles.values())
-    return any(p.get("token_id") and p.get("token_secret") for p in candidates)
+    return bool(config.get("oauth_refresh_token") and config.get("oauth_client_id")
+                and (config.get("oauth_client_secret") or config.get("oauth_jwt_key")))
 
 
-def require_credentials(env: Mapping[str, str] | None = None) -> None:
-    if not modal_credentials_present(env):
+def require_credentials() -> None:
+    if not modal_credentials_present():
         raise AuthenticationError(
             "The modal backend found no Modal credentials (no MODAL_TOKEN_ID / MODAL_TOKEN_SECRET in the "
-            "environment and no token in ~/.modal.toml). Run `modal token new` once (it opens a browser and "
-            "writes ~/.modal.toml), or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET. To try the backend without "
-            "an account, run it inside loops_backends.modal.standin.ModalStandIn().active().")
+            "environment and no token in the active profile of ~/.modal.toml). Run `modal token new` once (it "
+            "opens a browser and writes ~/.modal.toml), or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET. To try the "
+            "backend without an account, run it against loops_backends.modal.fake_control_plane.FakeModal().active().")
