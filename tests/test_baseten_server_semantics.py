@@ -2,8 +2,7 @@
 
 Plain HTTP against a paired fake trainer + sampler (``fake_pair``, in-process ASGI). Each test says
 which client code depends on it; ``backends/baseten/PUBLISHED_CLIENT_NOTES.md`` section 9 says what
-server change each needs. Until that change lands a test is a strict xfail: the change must remove
-the mark. ``tests/test_published_client.py`` checks the same through the real client.
+server change each needs (all of them have landed). ``tests/test_published_client.py`` checks the same through the real client.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from loops_backends.fake.backend import fake_pair
 
 MODEL = "loops/tiny-qwen3"
 PUBLISHED_UA = "baseten-loops/0.32.0"
-PENDING = "server change pending (PUBLISHED_CLIENT_NOTES.md section 9, item {})"
 
 
 def _datum(n_prompt: int = 6, answer: tuple[int, ...] = (21, 22, 23)) -> dict:
@@ -72,7 +70,6 @@ def _is_immediate_rejection(r: httpx.Response) -> bool:
                                      or r.headers.get("X-Baseten-Error-Source") == "06")
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING.format(1))
 def test_missing_checkpoint_is_a_400_at_submit():
     # TrainingClient.load_state: a 404 at submit is a cold start, retried for ready_timeout
     pair = Pair()
@@ -93,7 +90,6 @@ def test_malformed_checkpoint_path_is_already_a_400_at_submit():
     assert _is_immediate_rejection(r), r.text
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING.format(2))
 def test_bump_version_false_stages_without_hot_swapping():
     # TrainingClient.save_weights_for_sampler sends bump_version: false ("stage ... without making the
     # paired sampler hot-swap"); save_weights_and_get_sampling_client sends true.
@@ -113,7 +109,6 @@ def test_bump_version_false_stages_without_hot_swapping():
     run(go())
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING.format(3))
 def test_image_datum_is_refused_at_submit():
     # An image chunk a text-only engine cannot train on: 400 naming the datum, not 202 and a failed op.
     pair = Pair()
@@ -144,7 +139,6 @@ def _published_aggregate(results: list[dict], sizes: list[int]) -> dict:
     return {"loss": loss, "metrics": metrics}
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING.format(4))
 def test_chunked_batch_reports_the_whole_batch_totals_to_the_published_client():
     pair = Pair()
     data = [_datum(n_prompt=p) for p in (3, 5, 8, 2, 6)]  # unequal lengths: token means would not agree
@@ -161,7 +155,6 @@ def test_chunked_batch_reports_the_whole_batch_totals_to_the_published_client():
         assert chunked["metrics"][k] == pytest.approx(v, rel=1e-9), k
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING.format(5))
 def test_forward_returns_top_k_logprobs():
     pair = Pair()
     out = run(pair.op("/forward", {"data": [_datum()], "top_k_logprobs": 3}))

@@ -41,3 +41,12 @@ def test_sample_throughput_bench():
                     "--rank", "4")
     for batch in (1, 3):
         assert re.search(rf"^ +{batch} +[\d,.]+ +[\d,.]+ +{RATIO}$", out, re.M), out
+
+
+@pytest.mark.slow
+def test_multirun_bench():
+    out = run_bench("multirun.py", "--engine", "fake", "--runs", "2", "--batch", "1", "--seq", "8", "--steps", "1",
+                    "--rank", "4")
+    assert re.search(r"2 runs on one server +1 +[\d,]+ +[\d,]+ MiB", out), out
+    assert re.search(r"2 single-run servers +2 +[\d,]+ +[\d,]+ MiB", out), out
+    assert re.search(rf"ratio shared / separate: tokens/s {RATIO}, memory {RATIO}", out), out

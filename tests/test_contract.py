@@ -9,3 +9,4 @@ from loops_core.testing.contract.test_checkpoints import *  # noqa: F401,F403
 from loops_core.testing.contract.test_sampling import *  # noqa: F401,F403
 from loops_core.testing.contract.test_surface import *  # noqa: F401,F403
 from loops_core.testing.contract.test_training import *  # noqa: F401,F403
+from loops_core.testing.contract.test_multirun import *  # noqa: F401,F403

@@ -88,9 +88,6 @@ def run_recipe(module: str, backend: str, hf_home: Path, log_path: Path, *args: 
            f"log_path={log_path}", "behavior_if_log_dir_exists=delete", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=log_path.parent)
     tail = (proc.stderr or proc.stdout)[-3000:]
-    if backend == "fake" and proc.returncode != 0 and "outside the vocabulary" in tail:
-        pytest.xfail("the fake engine's vocabulary is its 259-id byte tokenizer, not the base model's "
-                     "(the cookbook tokenizes with the model's own tokenizer)")
     assert proc.returncode == 0, tail
     return [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines()]
 
@@ -104,11 +101,14 @@ def test_chat_sl_on_the_bundled_conversations(backend, hf_home, tmp_path):
     import tinker_cookbook
 
     data = Path(tinker_cookbook.__file__).parent / "example_data" / "conversations.jsonl"
+    # The fake engine's bigram LoRA moves less per Adam step than the transformer, and a bigram
+    # model's loss cannot fall as far: a larger rate, a smaller drop (8.08 -> 7.65, deterministic).
+    lr, drop = {"local": ("1e-2", 1.0), "fake": ("2e-1", 0.2)}[backend]
     rows = run_recipe("recipes.chat_sl.train", backend, hf_home, tmp_path / "run", f"dataset={data}",
-                      "batch_size=4", "max_length=1024", "max_steps=4", "lora_rank=4", "learning_rate=1e-2",
+                      "batch_size=4", "max_length=1024", "max_steps=4", "lora_rank=4", f"learning_rate={lr}",
                       "save_every=0", "eval_every=0", "infrequent_eval_every=0")
     nll = series(rows, "train_mean_nll")
-    assert len(nll) == 4 and nll[-1] < nll[0] - 1.0, nll  # the loss fell (10.3 -> 6.8 on local)
+    assert len(nll) == 4 and nll[-1] < nll[0] - drop, nll  # the loss fell (10.3 -> 6.8 on local)
     assert "tinker://" in (tmp_path / "run" / "checkpoints.jsonl").read_text()
 
 

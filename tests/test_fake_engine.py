@@ -59,7 +59,7 @@ def ref_loss(loss_fn, datums, cfg, w0, a, b, sg=None):
     for s in specs:
         lps.append({idx: ref_token_lp(w0, a, b, s["x"][idx[0]], s["targets"][idx])
                     for idx in np.ndindex(s["targets"].shape) if s["targets"][idx] >= 0})
-    total, ratios, clipped, margins = 0.0, [], [], []
+    total, ratios, clipped, margins, masks = 0.0, [], [], [], []
     if loss_fn == "dpo":
         beta, ls = cfg["beta"], cfg["label_smoothing"]
 
@@ -89,6 +89,11 @@ def ref_loss(loss_fn, datums, cfg, w0, a, b, sg=None):
                 clipped.append(r < lo or r > hi)
             if loss_fn == "importance_sampling":
                 per = -r * adv
+            elif loss_fn == "dppo":
+                moved = math.exp(lp) - math.exp(q)
+                m = moved > cfg["dppo_mask_high"] if adv > 0 else moved < -cfg["dppo_mask_low"]
+                masks.append(float(m))
+                per = -(1 - m) * cfg["adv_tau"] * adv * r + cfg["kl_tau"] * (lp - q) ** 2
             elif loss_fn == "ppo":
                 per = -min(r * adv, min(max(r, lo), hi) * adv)
             elif loss_fn == "cispo":
@@ -102,6 +107,8 @@ def ref_loss(loss_fn, datums, cfg, w0, a, b, sg=None):
         metrics["ratio:mean"] = float(np.mean(ratios))
     if loss_fn in ("ppo", "cispo"):
         metrics["clip_fraction:mean"] = float(np.mean(clipped))
+    if loss_fn == "dppo":
+        metrics["mask_fraction:mean"] = float(np.mean(masks))
     return total, lps, metrics
 
 
@@ -110,6 +117,8 @@ DEFAULTS = {
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     "dro": {"beta": 0.05}, "dpo": {"beta": 0.1, "label_smoothing": 0.0},
+    # Bounds at the scale of this vocabulary's probabilities (~1/259), so some tokens are masked.
+    "dppo": {"dppo_mask_high": 8e-4, "dppo_mask_low": 8e-4, "adv_tau": 1.3, "kl_tau": 0.3},
 }
 
 
@@ -157,11 +166,11 @@ def fresh_engine(rank=4, seed=1) -> FakeTrainerEngine:
 
 
 CASES = ["cross_entropy", "cross_entropy_2d", "importance_sampling", "ppo", "cispo",
-         "cispo_override", "dro", "dpo"]
+         "cispo_override", "dro", "dpo", "dppo"]
 METRIC_KEYS = {
     "cross_entropy": set(), "importance_sampling": {"ratio:mean"}, "dro": {"ratio:mean"},
     "ppo": {"ratio:mean", "clip_fraction:mean"}, "cispo": {"ratio:mean", "clip_fraction:mean"},
-    "dpo": {"accuracy:mean", "margin:mean"},
+    "dpo": {"accuracy:mean", "margin:mean"}, "dppo": {"ratio:mean", "mask_fraction:mean"},
 }
 
 
@@ -609,3 +618,108 @@ def test_tokenizer():
     assert tok.name_or_path == FAKE_TOKENIZER_ID
     with pytest.raises(ValueError):
         load_fake_tokenizer("gpt2")
+
+
+# ---- runs, top-k, non-finite guards, vocabulary ----------------------------------------------
+
+def test_runs_are_isolated_and_each_equals_itself_alone():
+    """Interleaving two runs on one engine gives each run exactly the bits it has alone."""
+    x = make_datum([1, 2, 3, 4], [2, 3, 4, 5])
+    y = make_datum([9, 8, 7], [8, 7, 6])
+    params = AdamParams(learning_rate=0.02)
+
+    def alone(rank, seed, datum):
+        eng = FakeTrainerEngine(MODEL, lora_rank=rank, seed=seed)
+        losses = []
+        for _ in range(3):
+            losses.append(eng.forward_backward([datum], "cross_entropy", {}, backward=True).loss)
+            eng.optim_step(params)
+        return losses, eng.lora_A.copy(), eng.step
+
+    shared = FakeTrainerEngine(MODEL, lora_rank=2, seed=0)
+    shared.init_lora(4, 1, run="a")
+    shared.init_lora(8, 2, run="b")
+    assert set(shared.runs) == {"default", "a", "b"} and shared.lora_rank == 8
+    got = {"a": [], "b": []}
+    for _ in range(3):
+        for run, datum in (("a", x), ("b", y)):
+            shared.use_run(run)
+            got[run].append(shared.forward_backward([datum], "cross_entropy", {}, backward=True).loss)
+        for run in ("a", "b"):
+            shared.use_run(run)
+            shared.optim_step(params)
+    for run, rank, seed, datum in (("a", 4, 1, x), ("b", 8, 2, y)):
+        losses, lora_a, step = alone(rank, seed, datum)
+        shared.use_run(run)
+        assert got[run] == losses and np.array_equal(shared.lora_A, lora_a) and shared.step == step == 3
+        assert shared.lora_rank == rank
+    shared.use_run("default")
+    assert shared.step == 0 and shared.lora_rank == 2
+    shared.close_run("a")
+    with pytest.raises(LookupError, match="'a'"):
+        shared.use_run("a")
+    assert set(shared.runs) == {"default", "b"}
+
+
+def test_top_k_logprobs_are_the_best_next_tokens():
+    eng = fresh_engine()
+    datum = make_datum([1, 2, 3], [2, 3, 4])
+    out = eng.forward_backward([datum], "cross_entropy", {}, backward=False, top_k_logprobs=5)
+    ids = out.loss_fn_outputs[0]["topk_token_ids"].to_numpy()
+    lps = out.loss_fn_outputs[0]["topk_logprobs"].to_numpy()
+    assert ids.shape == lps.shape == (3, 5) and ids.dtype == np.int64 and lps.dtype == np.float32
+    for pos, prev in enumerate([1, 2, 3]):
+        ref = [ref_token_lp(eng._w0, eng.lora_A, eng.lora_B, prev, t) for t in range(V)]
+        assert list(ids[pos]) == list(np.argsort(-np.asarray(ref), kind="stable")[:5])
+        np.testing.assert_allclose(lps[pos], [ref[t] for t in ids[pos]], rtol=1e-6)
+    assert "topk_token_ids" not in eng.forward_backward([datum], "cross_entropy", {}, backward=False).loss_fn_outputs[0]
+
+
+def test_non_finite_loss_gradient_or_step_changes_nothing():
+    from loops_core.engine import NonFiniteError
+
+    eng = fresh_engine()
+    good = make_datum([1, 2, 3], [2, 3, 4])
+    eng.forward_backward([good], "cross_entropy", {}, backward=True)
+    before = [x.copy() for x in (eng.lora_A, eng.lora_B, eng.grad_A, eng.grad_B, *eng._m, *eng._v)]
+    bad = make_datum([1, 2, 3], [2, 3, 4], weights=[1.0, float("inf"), 1.0])
+    with pytest.raises(NonFiniteError, match="loss"):
+        eng.forward_backward([bad], "cross_entropy", {}, backward=True)
+    with pytest.raises(NonFiniteError, match="nothing was changed"):
+        eng.optim_step(AdamParams(learning_rate=1e308, weight_decay=1e10))
+    after = [eng.lora_A, eng.lora_B, eng.grad_A, eng.grad_B, *eng._m, *eng._v]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after)) and eng.step == 0 and eng._adam_step == 0
+
+
+def test_sampler_topk_and_target_prompt_logprobs(paris):
+    eng, sampler, prompt, _, _ = paris
+    res = gen(sampler, prompt=prompt, max_tokens=4, adapter=1, seed=5, temperature=0.7, topk_sample_logprobs=3,
+              target_prompt_tokens=[[prompt[i + 1], -1] for i in range(len(prompt) - 1)])
+    seq = res.sequences[0]
+    assert len(seq.topk) == len(seq.tokens)
+    for tok, lp, top in zip(seq.tokens, seq.logprobs, seq.topk):
+        assert len(top) == 3 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert top[0][1] >= lp  # the best of the distribution the token was drawn from
+    with_plp = gen(sampler, prompt=prompt, max_tokens=0, adapter=1, prompt_logprobs=0)
+    assert [row[0] for row in res.target_prompt_logprobs] == with_plp.prompt_logprobs[1:]
+    assert all(row[1] == 0.0 for row in res.target_prompt_logprobs)
+    assert res.prompt_cache_hit_tokens == 0 and gen(sampler, prompt=prompt, max_tokens=1).sequences[0].topk is None
+
+
+def test_vocabulary_comes_from_the_base_model_when_it_resolves(tmp_path):
+    from loops_backends.fake.tokenizer import base_vocabulary
+
+    assert base_vocabulary("no/such-model-anywhere")[1] == FAKE_TOKENIZER_ID
+    assert base_vocabulary(str(tmp_path))[1] == FAKE_TOKENIZER_ID  # a directory without a tokenizer
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")  # builds the tiny model the first time
+    from loops_core.tokenizers import load_tokenizer
+
+    eng = FakeTrainerEngine("loops/tiny-qwen3", lora_rank=2)
+    hf = load_tokenizer("loops/tiny-qwen3")
+    assert eng.tokenizer_id == "loops/tiny-qwen3" and eng.vocab_size == len(hf) > V
+    sampler = FakeSamplerEngine("loops/tiny-qwen3")
+    ids = hf.encode(" Paris is", add_special_tokens=False)
+    out = gen(sampler, prompt=ids, max_tokens=3, seed=1, stop_at_eos=False)
+    assert sampler.vocab_size == eng.vocab_size and out.sequences[0].text == hf.decode(out.sequences[0].tokens,
+                                                                                        skip_special_tokens=True)

@@ -146,8 +146,8 @@ class Fuzzer:
     def __init__(self, role: str):
         self.role = role
         self.loop = asyncio.new_event_loop()
-        self.trainer, self.sampler = fake_pair("fuzz-model", rank=4, seed=0, poll_hold=1.0)
-        self.trainer.queue.gap_wait = 0.01
+        self.trainer, self.sampler = fake_pair("m", rank=4, seed=0, run_id="r", poll_hold=1.0)  # as the bodies name them
+        self.trainer.gap_wait = 0.01
         for s in (self.trainer, self.sampler):
             find_guard(s.app).api_key = KEY.encode()
         self.trainer.sampler.headers = {"Authorization": f"Api-Key {KEY}"}

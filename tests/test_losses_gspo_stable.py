@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from loops_backends.fake.engine import FakeTrainerEngine, _Row, base_table, log_softmax_rows, logit_table
+from loops_backends.fake.engine import FakeTrainerEngine, base_table, log_softmax_rows, logit_table
+from loops_backends.fake.losses import LOSS_GRADIENTS, Row
 from loops_backends.fake.tokenizer import load_fake_tokenizer
 from loops_core.errors import InvalidRequestError
 from loops_core.losses import LOSSES, sampled_mask, validate_batch
@@ -279,7 +280,7 @@ def _torch_reference(torch, loss_fn, datums, lps, cfg):
                                          ("stable_reinforce", {"kl_coeff": 0.3})])
 def test_torch_losses_match_float64_reference_and_fake_engine(loss_fn, cfg):
     torch = pytest.importorskip("torch")
-    from loops_backends.fake.engine import _LOSSES
+
     from loops_backends.local_gpu.losses_torch import LOSS_FUNCTIONS, combine_stats
 
     rng = np.random.default_rng(21)
@@ -287,7 +288,7 @@ def test_torch_losses_match_float64_reference_and_fake_engine(loss_fn, cfg):
     w0 = base_table(MODEL, V)
     datums = make_datums(loss_fn, rng, w0, eng.lora_A, eng.lora_B, spread=0.05)
     logp = log_softmax_rows(logit_table(w0, eng.lora_A, eng.lora_B))
-    rows = [_Row(d, logp) for d in datums]
+    rows = [Row(d, logp) for d in datums]
     lps = [r.lp for r in rows]
 
     ref_loss, ref_grad = _torch_reference(torch, loss_fn, datums, lps, cfg)
@@ -299,7 +300,7 @@ def test_torch_losses_match_float64_reference_and_fake_engine(loss_fn, cfg):
         assert np.allclose(lp.grad.reshape(-1).double().numpy(), ref_grad, rtol=tol * 10, atol=tol)
 
     # The fake engine's loss, dL/dlp and metrics agree with the torch loss on the same inputs.
-    fake_losses, fake_coeffs, fake_metrics = _LOSSES[loss_fn](rows, cfg)
+    fake_losses, fake_coeffs, fake_metrics = LOSS_GRADIENTS[loss_fn](rows, cfg)
     lp, batch = _torch_batch(torch, datums, lps, torch.float64)
     out = LOSS_FUNCTIONS[loss_fn](batch, cfg)
     out.loss.backward()

@@ -212,7 +212,7 @@ def test_container_entrypoints_run_through_modal_local(monkeypatch, tmp_path):
             tc = service.create_lora_training_client("loops/tiny-qwen3", rank=4, seed=0)
             out = _sample(_train_and_publish(tc, "local-path"))
             assert out.policy_version == 1 and len(out.sequences[0].tokens) == 3
-        assert (tmp_path / "modal-local-volume" / "runs" / "run-local" / "sampler_weights" / "local-path").is_dir()
+        assert (tmp_path / "modal-local-volume" / "runs" / tc.run_id / "sampler_weights" / "local-path").is_dir()
     finally:
         trainer.stop()
         sampler.stop()

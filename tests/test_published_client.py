@@ -37,8 +37,6 @@ _NO_RUN_ID = f"{_LOCAL}: its TrainingClient has no run_id, which the published c
 _NO_FAULTS = "needs the emulator's fault controls and request records (loops serve has neither)"
 _HUB = "loads the tokenizer from the Hugging Face hub by base model name; nothing is downloaded here"
 _TORCH = "needs torch in the client's venv (baseten-loops[torch]); the side venv installs the client only"
-_SERVER = "loops' trainer server: owned by another change (see backends/baseten/PUBLISHED_CLIENT_NOTES.md)"
-_FAKE_ENGINE = "the fake engine: owned by another change (see backends/baseten/PUBLISHED_CLIENT_NOTES.md)"
 
 _LOCAL_LIMITS = {
     "ServiceClient.__init__[team]": f"{_LOCAL}: no team argument",
@@ -88,21 +86,10 @@ _EVERYWHERE = {
     "TrainingClient.forward_backward_custom": _TORCH,
     "TrainingClient.forward_backward_custom_async": _TORCH,
 }
-_SERVER_GAPS = {
-    "TrainingClient.forward[top_k_logprobs]": f"{_SERVER}: top_k_logprobs is ignored",
-    "TrainingClient.forward[chunked totals]": f"{_SERVER}: metrics are sums, the client averages chunks",
-    "TrainingClient.forward_backward[image datum refused at submit]": f"{_SERVER}: accepted, fails later",
-}
 XFAIL: dict[str, dict[str, str]] = {
-    "serve-fake": {**_LOCAL_LIMITS, **_EVERYWHERE, **_SERVER_GAPS,
-                   "TrainingClient.forward_backward[dppo]": f"{_FAKE_ENGINE}: no dppo yet"},
-    "serve-tiny": {**_LOCAL_LIMITS, **_EVERYWHERE, **_SERVER_GAPS},
-    "emulator": {**_EVERYWHERE, **_SERVER_GAPS,
-                 "TrainingClient.forward_backward[dppo]": f"{_FAKE_ENGINE}: no dppo yet",
-                 "TrainingClient.load_state[missing path is a 400 at submit]": f"{_SERVER}: 404, retried as a "
-                                                                               "cold start",
-                 "TrainingClient.save_weights_for_sampler[bump_version false keeps the sampler's version]":
-                     f"{_SERVER}: bump_version is ignored"},
+    "serve-fake": {**_LOCAL_LIMITS, **_EVERYWHERE},
+    "serve-tiny": {**_LOCAL_LIMITS, **_EVERYWHERE},
+    "emulator": {**_EVERYWHERE},
 }
 _KEYED = ["ServiceClient.local[server with --api-key]", "TrainingClient.__init__[api_key, server with --api-key]",
           "SamplingClient.__init__[api_key, server with --api-key]"]

@@ -175,7 +175,7 @@ def test_operation_store_has_a_byte_cap_oldest_evicted_first():
 
 def test_evicted_result_poll_is_404_unknown_operation():
     trainer, _ = fake_pair("m", rank=4)
-    trainer.queue.max_bytes = 1
+    trainer.runs[trainer.run_id].queue_for(None).max_bytes = 1  # the default run's unordered stream
 
     async def main():
         async with _client(trainer.app) as c:
@@ -337,14 +337,14 @@ def test_adhoc_adapters_are_keyed_by_resolved_path_and_lru_evicted(monkeypatch):
                 r = await s.post("/sample", json={"prompt": [1, 2], "max_tokens": 1},
                                  headers={"X-Checkpoint-Path": p})
                 assert r.status_code == 200, r.text
-            adhoc = [a for a in sampler.adapters.values() if a.policy_version is None]
+            adhoc = [a for a in sampler.table.adapters.values() if a.policy_version is None]
             assert len(adhoc) == 1
             for p in paths[1:]:
                 d = trainer.store.resolve(p, kind="sampler_weights")
                 r = await s.post("/sample", json={"prompt": [1, 2], "max_tokens": 1},
                                  headers={"X-Checkpoint-Path": str(d)})
                 assert r.status_code == 200, r.text
-            adhoc = [a for a in sampler.adapters.values() if a.policy_version is None]
+            adhoc = [a for a in sampler.table.adapters.values() if a.policy_version is None]
             assert len(adhoc) == 2 and str(directory) not in {a.path for a in adhoc}
             r = await s.post("/sample", json={"prompt": [1, 2]}, headers={"X-Checkpoint-Path": "/etc"})
             assert r.status_code == 400

@@ -143,7 +143,7 @@ def test_sampler_version_gate_and_exact_pins():
             assert models[0]["parent"] is None and models[1]["id"] == "v2" and models[1]["parent"] == "m"
             assert (await s.get("/trainers_policy_version")).json() == {"policy_version": 2}
             # a dropped version is gone for good: 410, not silently another version
-            sampler.keep_versions, sampler.idle_unload_s = 1, 0.0
+            sampler.table.keep_versions, sampler.table.idle_unload_s = 1, 0.0
             r = await t.post("/save_weights_for_sampler", json={"name": "v3"})
             await t.get(f"/operations/{r.json()['operation_id']}")
             assert (await s.post("/sample", json=body, headers={"X-Policy-Version": "1"})).status_code == 410
@@ -263,3 +263,175 @@ def test_concurrent_requests_spread_over_several_http_clients():
         await wire.aclose()
 
     asyncio.run(in_process())
+
+
+# ---- many runs on one trainer -----------------------------------------------------------------
+
+async def _done(c, r) -> dict:
+    assert r.status_code == 202, r.text
+    return (await c.get(f"/operations/{r.json()['operation_id']}")).json()
+
+
+def test_runs_are_created_named_refused_and_closed_over_http():
+    trainer, _ = fake_pair("m", rank=4, run_id="the-default")
+    trainer.max_runs = 3  # the default run and two more
+
+    async def main():
+        async with _client(trainer.app) as c:
+            a = (await c.post("/runs", json={"lora_rank": 2, "seed": 1, "base_model": "m"})).json()["run_id"]
+            b = (await c.post("/runs", json={"lora_rank": 8})).json()["run_id"]
+            full = await c.post("/runs", json={"lora_rank": 2})
+            assert full.status_code == 503 and "maximum of 3 runs" in full.json()["detail"]
+            other = await c.post("/runs", json={"lora_rank": 2, "base_model": "x/y"})
+            assert other.status_code == 400 and "'x/y'" in other.json()["detail"] and "'m'" in other.json()["detail"]
+            datum = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                     "loss_fn_inputs": {"target_tokens": {"data": [2, 3], "dtype": "int64", "shape": [2]}}}
+            wrong = await c.post("/forward", json={"data": [datum], "model": "x/y", "run_id": a})
+            assert wrong.status_code == 400 and wrong.json()["error"]["field"] == "model"
+            unknown = await c.post("/optim_step", json={"adam_params": {}, "run_id": "nope"})
+            assert unknown.status_code == 404 and "'nope'" in unknown.json()["detail"]
+            assert (await c.get("/get_info", headers={"X-Run-Id": "nope"})).status_code == 404
+            assert (await c.get("/get_info", headers={"X-Run-Id": b})).json()["lora_rank"] == 8
+            assert (await c.get("/get_info")).json()["run_id"] == "the-default"  # no run named: the default
+            # init_trainer_server resets only the caller's run
+            await _done(c, await c.post("/optim_step", json={"adam_params": {}, "run_id": a}))
+            await _done(c, await c.post("/optim_step", json={"adam_params": {}, "run_id": b}))
+            await _done(c, await c.post("/init_trainer_server", json={"lora_rank": 4, "run_id": a}))
+            steps = {r["run_id"]: r["step"] for r in (await c.get("/runs")).json()["runs"]}
+            assert steps == {"the-default": 0, a: 0, b: 1}
+            assert (await c.post("/close_run", json={"run_id": a})).json() == {"run_id": a, "closed": True}
+            assert (await c.post("/forward", json={"data": [datum], "run_id": a})).status_code == 404
+            assert (await c.post("/close_run", json={})).status_code == 400  # the default run stays
+            assert (await c.post("/runs", json={"lora_rank": 2})).status_code == 200  # a's place is free again
+        assert sorted(trainer.engine.runs) == sorted(["default", b, *[r for r in trainer.runs if r not in
+                                                                      ("the-default", b)]])
+
+    asyncio.run(main())
+
+
+def test_two_clients_on_one_run_do_not_wait_on_the_gap_timer():
+    """Each client counts seq_id from 1; interleaved, neither waits for the other's numbers."""
+    trainer, _ = fake_pair("m", rank=4)
+
+    async def main():
+        async with _client(trainer.app) as c:
+            t0 = time.monotonic()
+            for seq_a, seq_b in [(1, None), (2, 1), (3, 2), (4, 3), (5, 4)]:
+                for seq in (seq_a, seq_b):
+                    if seq is not None:
+                        await _done(c, await c.post("/optim_step", json={"adam_params": {}, "seq_id": seq}))
+            return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 2.0  # one gap wait would be 5 s
+    assert trainer.runs[trainer.run_id].step == 9
+
+
+def test_runs_take_turns_on_the_engine():
+    """A long queue of one run does not starve another: the engine worker serves runs first come,
+    first served, one operation each at a time."""
+    trainer, _ = fake_pair("m", rank=4)
+    order = []
+    step = trainer.engine.optim_step
+
+    def recorded(params):
+        order.append(trainer.engine._run)
+        time.sleep(0.01)
+        return step(params)
+
+    trainer.engine.optim_step = recorded
+
+    async def main():
+        async with _client(trainer.app) as c:
+            a = (await c.post("/runs", json={"lora_rank": 2})).json()["run_id"]
+            b = (await c.post("/runs", json={"lora_rank": 2})).json()["run_id"]
+            ops = [await c.post("/optim_step", json={"adam_params": {}, "run_id": a, "seq_id": i + 1})
+                   for i in range(20)]
+            await asyncio.sleep(0.03)
+            ops.append(await c.post("/optim_step", json={"adam_params": {}, "run_id": b, "seq_id": 1}))
+            for r in ops:
+                assert (await _done(c, r))["status"] == "done"
+            return a, b
+
+    a, b = asyncio.run(main())
+    assert len(order) == 21 and order.index(b) <= 8, order  # b's one op did not wait for a's twenty
+
+
+def test_sampler_serves_every_run_pinned_and_keeps_few_resident():
+    trainer, sampler = fake_pair("m", rank=4)
+    sampler.table.max_resident = 2
+    body = {"prompt": list(b"abc"), "max_tokens": 0, "prompt_logprobs": 0}
+
+    async def main():
+        async with _client(trainer.app) as t, _client(sampler.app) as s:
+            runs = []
+            for seed in (1, 2, 3):
+                rid = (await t.post("/runs", json={"lora_rank": 4, "seed": seed})).json()["run_id"]
+                for _ in range(2):  # two steps on a datum, so every run's adapter differs from the base
+                    datum = sft_datum(list(b"abc"), list(b"d" * seed)).model_dump(mode="json")
+                    await _done(t, await t.post("/forward_backward", json={"data": [datum], "run_id": rid}))
+                    await _done(t, await t.post("/optim_step", json={"adam_params": {"learning_rate": 0.1},
+                                                                     "run_id": rid}))
+                v = (await _done(t, await t.post("/save_weights_for_sampler", json={"name": "v", "run_id": rid})))
+                assert v["result"]["version"] == 1  # every run counts its own versions
+                runs.append(rid)
+            first = {}
+            for rid in runs * 2:  # the second round reloads what the cap evicted: same numbers
+                r = await s.post("/sample", json=body, headers={"X-Run-Id": rid, "X-Policy-Version": "1"})
+                assert r.status_code == 200 and r.headers["x-trainers-policy-version"] == "1"
+                assert len(sampler.table.resident) <= 2
+                first.setdefault(rid, r.json()["prompt_logprobs"])
+                assert r.json()["prompt_logprobs"] == first[rid]
+            assert len({json.dumps(v) for v in first.values()}) == 3  # three runs, three adapters
+            # the run can also come from the pinned checkpoint path (older clients send only that)
+            path = {"X-Checkpoint-Path": f"loops://{runs[1]}/sampler_weights/v", "X-Policy-Version": "1"}
+            assert (await s.post("/sample", json=body, headers=path)).json()["prompt_logprobs"] == first[runs[1]]
+            missing = await s.post("/sample", json=body, headers={"X-Run-Id": runs[0], "X-Policy-Version": "2"})
+            assert missing.status_code == 408  # not published yet, for this run
+
+    asyncio.run(main())
+
+
+def test_two_service_clients_on_one_loops_serve_do_not_reset_each_other(served):
+    """The issue's scenario: A trains against ``loops serve``; B creates a client on the same servers."""
+    a = ServiceClient.local(trainer_url=served["trainer"], sampler_url=served["sampler"], api_key="k")
+    b = ServiceClient.local(trainer_url=served["trainer"], sampler_url=served["sampler"], api_key="k")
+    tc_a = a.create_lora_training_client("fake-model", rank=4, seed=0)
+    datum = sft_datum(*france(tc_a.get_tokenizer()))
+    losses = []
+    for _ in range(4):
+        losses.append(tc_a.forward_backward([datum]).result(timeout=60).loss)
+        tc_a.optim_step(AdamParams(learning_rate=5e-2)).result(timeout=60)
+    tc_b = b.create_lora_training_client("fake-model", rank=16)
+    assert tc_b.run_id != tc_a.run_id and tc_b.get_info().lora_rank == 16 and tc_a.get_info().lora_rank == 4
+    after = tc_a.forward_backward([datum]).result(timeout=60).loss
+    assert after < losses[-1] < losses[0]  # A went on from where it was
+    with pytest.raises(InvalidRequestError, match="other/model"):
+        b.create_lora_training_client("other/model", rank=4)
+    a.close()
+    b.close()
+
+
+def test_top_k_logprobs_and_sampler_extras_over_http():
+    trainer, sampler = fake_pair("m", rank=4)
+    prompt = list(b"abcd")
+
+    async def main():
+        async with _client(trainer.app) as t, _client(sampler.app) as s:
+            datum = sft_datum(prompt[:2], prompt[2:]).model_dump(mode="json")
+            out = await _done(t, await t.post("/forward", json={"data": [datum], "top_k_logprobs": 3}))
+            top = out["result"]["loss_fn_outputs"][0]
+            assert top["topk_token_ids"]["shape"] == [3, 3] and top["topk_logprobs"]["dtype"] == "float32"
+            bad = await t.post("/forward", json={"data": [datum], "top_k_logprobs": 21})
+            assert bad.status_code == 400 and bad.json()["error"]["field"] == "top_k_logprobs"
+            targets = {"data": [prompt[1], -1, prompt[2], -1, prompt[3], -1], "dtype": "int64", "shape": [3, 2]}
+            r = (await s.post("/sample", json={"prompt": prompt, "max_tokens": 2, "seed": 0, "prompt_logprobs": 0,
+                                               "topk_sample_logprobs": 2, "target_prompt_logprobs": targets})).json()
+            assert [row[0] for row in r["target_prompt_logprobs"]] == \
+                [r["prompt_logprobs"][i][str(prompt[i])]["logprob"] for i in (1, 2, 3)]
+            assert all(row[1] == 0.0 for row in r["target_prompt_logprobs"]) and r["prompt_cache_hit_tokens"] == 0
+            seq_top = r["choices"][0]["logprobs"]["topk_logprobs"]
+            assert len(seq_top) == 2 and all(len(pos) == 2 and len(pos[0]) == 2 for pos in seq_top)
+            bad = await s.post("/sample", json={"prompt": prompt, "target_prompt_logprobs": [[1]]})
+            assert bad.status_code == 400 and bad.json()["error"]["field"] == "target_prompt_logprobs"
+
+    asyncio.run(main())

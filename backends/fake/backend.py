@@ -3,6 +3,9 @@
 Nothing listens on a socket: clients reach the apps through httpx's ASGI transport, so the fake
 exercises the same protocol code (queues, idempotency, long-polls, version pinning) as every other
 backend, in milliseconds. ``loops serve --engine fake`` runs the same apps on loopback.
+
+As on the local backend, the training clients of one ServiceClient on one base model share one
+trainer + sampler pair, each with a run of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import httpx
 
 from loops_core.backend import Backend, LocalCheckpoints, SamplerHandle, TrainerHandle
 from loops_core.checkpoints import CheckpointStore, read_meta
+from loops_core.direct import with_run
+from loops_core.errors import ServerShutdownError
 from loops_core.server.sampler import SamplerServer
 from loops_core.server.trainer import SamplerLink, TrainerServer
 from loops_core.types import ServerCapabilities, SupportedModel
@@ -44,17 +49,33 @@ class FakeBackend(LocalCheckpoints, Backend):
     def __init__(self, config):  # noqa: ANN001
         super().__init__(config)
         self.servers: list[TrainerServer | SamplerServer] = []
+        self.pairs: dict[str, tuple[TrainerServer, SamplerServer]] = {}  # by base model
+        self.run_owner: dict[str, TrainerServer] = {}
 
     async def start_session(self) -> str:
         return f"fake-session-{uuid.uuid4().hex[:12]}"
 
     async def create_trainer(self, base_model: str, *, rank: int, seed: int | None, ready_timeout: float,
                              max_seq_len: int | None = None) -> TrainerHandle:
-        trainer, sampler = fake_pair(base_model, rank=rank, seed=seed)
-        self.servers += [trainer, sampler]
-        return TrainerHandle(trainer=asgi_endpoint(trainer.app, "fake-trainer"),
-                             sampler=asgi_endpoint(sampler.app, "fake-sampler"),
-                             run_id=trainer.run_id, base_model=base_model, max_seq_len=trainer.engine.max_seq_len)
+        if base_model not in self.pairs:
+            self.pairs[base_model] = fake_pair(base_model, rank=rank, seed=seed)
+            self.servers += self.pairs[base_model]
+        trainer, sampler = self.pairs[base_model]
+        from loops_core.server.trainer import ServerBusyError
+
+        try:
+            run = await trainer.create_run(rank, seed)
+        except ServerBusyError as exc:
+            raise ServerShutdownError(str(exc)) from None
+        self.run_owner[run.id] = trainer
+        return TrainerHandle(trainer=with_run(asgi_endpoint(trainer.app, "fake-trainer"), run.id),
+                             sampler=with_run(asgi_endpoint(sampler.app, "fake-sampler"), run.id),
+                             run_id=run.id, base_model=base_model, max_seq_len=trainer.engine.max_seq_len)
+
+    async def release_trainer(self, run_id: str) -> None:
+        trainer = self.run_owner.pop(run_id, None)
+        if trainer is not None:
+            await trainer.close_run(run_id)
 
     async def create_sampler(self, base_model: str | None, *, ready_timeout: float,
                              model_path: str | None = None) -> SamplerHandle:
@@ -77,3 +98,5 @@ class FakeBackend(LocalCheckpoints, Backend):
             else:
                 s.shutting_down = True
         self.servers.clear()
+        self.pairs.clear()
+        self.run_owner.clear()

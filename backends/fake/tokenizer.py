@@ -5,12 +5,17 @@ Vocabulary: ids 0..255 are the UTF-8 bytes, then three special tokens: ``<|endof
 eos and pad), ``<|im_start|>`` (257) and ``<|im_end|>`` (258); ``vocab_size`` is 259. There is no
 BOS token. As in HF tokenizers, special-token strings that appear in text are encoded as their
 ids, which is how ``apply_chat_template(tokenize=True)`` maps the ChatML markers.
+
+``base_vocabulary`` picks a fake engine's vocabulary: the base model's own tokenizer where one
+resolves offline, else this one.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 import re
+from pathlib import Path
 from typing import Any, Iterable
 
 FAKE_TOKENIZER_ID = "loops/fake-bytes"
@@ -161,3 +166,58 @@ def load_fake_tokenizer(tokenizer_id: str = FAKE_TOKENIZER_ID) -> FakeTokenizer:
         raise ValueError(f"the fake tokenizer loader only knows ids starting with 'loops/fake' "
                          f"(such as {FAKE_TOKENIZER_ID!r}), not {tokenizer_id!r}")
     return FakeTokenizer(tokenizer_id)
+
+
+# The fake model is a dense [V, V] float64 table: 4096 ids make it 128 MiB, the most we allow.
+# Larger vocabularies (real hub models: ~150k ids) keep the byte vocabulary.
+MAX_MODEL_VOCAB = 4096
+
+
+@functools.lru_cache(maxsize=16)
+def base_vocabulary(base_model: str) -> tuple[Any, str]:
+    """``(tokenizer, tokenizer_id)`` for a fake engine running ``base_model``.
+
+    The base model's own tokenizer when one resolves without a download — ``loops/tiny-qwen3``,
+    a local model directory, or a hub id already in the local cache — so code that tokenizes with
+    the model's HF tokenizer (Tinker's cookbook does) sends ids the fake model knows. Otherwise
+    (no ``transformers``, nothing cached, a vocabulary over ``MAX_MODEL_VOCAB``) the byte tokenizer.
+    """
+    found = _model_tokenizer(base_model)
+    if found is None or len(found[0]) > MAX_MODEL_VOCAB:
+        return load_fake_tokenizer(), FAKE_TOKENIZER_ID
+    return found
+
+
+def _model_tokenizer(base_model: str) -> tuple[Any, str] | None:
+    source = _tokenizer_source(base_model)
+    if source is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, local_files_only=True), base_model
+    except Exception:  # no transformers, or not a loadable tokenizer: the byte vocabulary
+        return None
+
+
+def _tokenizer_source(base_model: str) -> str | None:
+    """Where the base model's tokenizer is on this machine, without importing transformers (slow)."""
+    try:
+        if base_model.startswith("loops/fake"):
+            return None
+        if base_model == "loops/tiny-qwen3":
+            from loops_backends.local_gpu.tiny_model import tiny_model_path
+
+            return str(tiny_model_path())  # generated once under LOOPS_HOME (needs torch the first time)
+        local = Path(base_model).expanduser()
+        if local.is_dir():
+            return str(local) if any((local / f).is_file() for f in _TOKENIZER_FILES) else None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = any(isinstance(try_to_load_from_cache(base_model, f), str) for f in _TOKENIZER_FILES)
+        return base_model if cached else None
+    except Exception:  # a malformed id, a missing extra
+        return None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

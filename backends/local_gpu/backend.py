@@ -2,7 +2,10 @@
 
 ``create_lora_training_client`` starts ``loops serve-sampler`` and ``loops serve-trainer`` (in
 parallel, on free ports), waits until both print their ready line, and pairs them: the trainer
-publishes adapters to its sampler. They stop when the ServiceClient closes, when this process
+publishes adapters to its sampler. The training clients of one ServiceClient on the same base model
+share that pair (the base model is loaded once), each with a run of its own (``POST /runs``); only
+when the trainer cannot host another run (an engine that holds one, or its run cap) does a client
+get a pair of its own. They stop when the ServiceClient closes, when this process
 exits, and, through their parent watchdog, when this process dies without exiting (a crash or
 SIGKILL): no orphans.
 
@@ -30,9 +33,10 @@ from pathlib import Path
 
 from loops_core.backend import Backend, LocalCheckpoints, SamplerHandle, TrainerHandle
 from loops_core.checkpoints import CheckpointStore, loops_home, read_meta
-from loops_core.errors import APIConnectionError, InvalidRequestError
+from loops_core.direct import close_run, create_run
+from loops_core.errors import APIConnectionError, InvalidRequestError, ServerShutdownError
 from loops_core.types import ServerCapabilities, SupportedModel
-from loops_core.wire import Endpoint
+from loops_core.wire import Endpoint, WireClient
 
 _LIVE: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()
 
@@ -115,6 +119,9 @@ class LocalBackend(LocalCheckpoints, Backend):
     def __init__(self, config):  # noqa: ANN001
         super().__init__(config)
         self.processes: list[ServerProcess] = []
+        self.pairs: dict[str, tuple[Endpoint, Endpoint]] = {}  # base model -> (trainer, sampler), shared
+        self.run_trainers: dict[str, Endpoint] = {}  # run id -> the trainer holding it
+        self._pair_lock: asyncio.Lock | None = None
         self.sampler_engine = config.options.get("sampler_engine") or os.environ.get("LOOPS_SAMPLER_ENGINE") or "auto"
         self.engine = config.options.get("engine", "local")
 
@@ -129,11 +136,35 @@ class LocalBackend(LocalCheckpoints, Backend):
 
     async def create_trainer(self, base_model: str, *, rank: int, seed: int | None, ready_timeout: float,
                              max_seq_len: int | None = None) -> TrainerHandle:
-        run_id = f"run-{uuid.uuid4().hex[:12]}"
+        self._pair_lock = self._pair_lock or asyncio.Lock()
+        run_id = f"run-{uuid.uuid4().hex[:12]}"  # also names the logs of a pair started for it
+        async with self._pair_lock:  # two clients created at once share one pair, not start two
+            if base_model not in self.pairs:
+                self.pairs[base_model] = await self._start_pair(base_model, run_id, rank, seed, ready_timeout)
+            trainer, sampler = self.pairs[base_model]
+        try:
+            return await self._new_run(trainer, sampler, base_model, run_id, rank, seed)
+        except ServerShutdownError:  # this trainer cannot host another run: a pair of its own
+            trainer, sampler = await self._start_pair(base_model, run_id, rank, seed, ready_timeout)
+            return await self._new_run(trainer, sampler, base_model, run_id, rank, seed)
+
+    async def _new_run(self, trainer: Endpoint, sampler: Endpoint, base_model: str, run_id: str, rank: int,
+                       seed: int | None) -> TrainerHandle:
+        wire = WireClient(trainer, timeout=60.0, ready_timeout=60.0)
+        try:
+            handle = await create_run(wire, trainer, sampler, base_model, rank=rank, seed=seed, run_id=run_id)
+        finally:
+            await wire.aclose()
+        self.run_trainers[handle.run_id] = trainer
+        return handle
+
+    async def _start_pair(self, base_model: str, run_id: str, rank: int, seed: int | None,
+                          ready_timeout: float) -> tuple[Endpoint, Endpoint]:
+        pair_id = f"{run_id}-pair"  # the trainer's default run, for requests that name none
         sampler_port = free_port()
         sampler = self._spawn("sampler", base_model, run_id, ["--port", str(sampler_port)])
         trainer = self._spawn("trainer", base_model, run_id, [
-            "--port", "0", "--run-id", run_id, "--rank", str(rank), "--sampler-url",
+            "--port", "0", "--run-id", pair_id, "--rank", str(rank), "--sampler-url",
             f"http://127.0.0.1:{sampler_port}", *(["--seed", str(seed)] if seed is not None else [])])
         try:
             sampler_url, trainer_url = await asyncio.gather(sampler.ready(ready_timeout), trainer.ready(ready_timeout))
@@ -141,8 +172,19 @@ class LocalBackend(LocalCheckpoints, Backend):
             sampler.stop()
             trainer.stop()
             raise
-        return TrainerHandle(trainer=Endpoint(url=trainer_url), sampler=Endpoint(url=sampler_url), run_id=run_id,
-                             base_model=base_model)
+        return Endpoint(url=trainer_url), Endpoint(url=sampler_url)
+
+    async def release_trainer(self, run_id: str) -> None:
+        trainer = self.run_trainers.pop(run_id, None)
+        if trainer is None:
+            return
+        wire = WireClient(trainer, timeout=30.0, ready_timeout=30.0)
+        try:
+            await close_run(wire, run_id)
+        except (APIConnectionError, ServerShutdownError):
+            pass  # the trainer is gone: nothing left to free
+        finally:
+            await wire.aclose()
 
     async def create_sampler(self, base_model: str | None, *, ready_timeout: float,
                              model_path: str | None = None) -> SamplerHandle:
@@ -166,5 +208,7 @@ class LocalBackend(LocalCheckpoints, Backend):
                            max_context_length=None, gpu_classes=gpu)])
 
     async def aclose(self) -> None:
+        self.pairs.clear()
+        self.run_trainers.clear()
         procs, self.processes = self.processes, []
         await asyncio.gather(*(asyncio.to_thread(p.stop) for p in procs))

@@ -191,12 +191,9 @@ class Guard:
         return bool(getattr(self.server, "shutting_down", False))
 
     def queues(self) -> list[Any]:
-        """The server's operation queues: ``server.queue``, or one per run in ``server.runs``."""
-        out = [q for q in [getattr(self.server, "queue", None)] if q is not None]
+        """The server's operation queues: the trainer's, one per client stream of each run."""
         runs = getattr(self.server, "runs", None)
-        if isinstance(runs, dict):
-            out += [r.queue for r in runs.values() if getattr(r, "queue", None) is not None]
-        return out
+        return [q for r in runs.values() for q in r.queues] if isinstance(runs, dict) else []
 
     def begin_shutdown(self) -> None:
         """Refuse new submits (503) and fail every queued operation; the running ones finish."""

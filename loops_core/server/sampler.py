@@ -1,17 +1,22 @@
 """The sampler server: vLLM's completions shape with token-id prompts, around a ``SamplerEngine``.
 
+It serves every run of its trainer: each run's published versions, pinned per run. A request's run is
+its ``X-Run-Id`` header, else the run in its ``X-Checkpoint-Path`` (``loops://<run>/...``), else the
+trainer's default run. The adapters (and which of them the engine holds) are kept in ``adapters.py``.
+
 Routes::
 
     POST /sample (alias /v1/completions)  {prompt: [ids], n, temperature, top_p, top_k, max_tokens,
-                                           seed, stop | stop_token_ids, prompt_logprobs}
-    POST /v1/load_lora_adapter            {lora_name, lora_path, policy_version?}  (the trainer publishes)
+                                           seed, stop | stop_token_ids, prompt_logprobs,
+                                           topk_sample_logprobs?, target_prompt_logprobs?}
+    POST /v1/load_lora_adapter            {lora_name, lora_path, policy_version?, run_id?}  (the trainer publishes)
     POST /v1/unload_lora_adapter          {lora_name}
     GET  /v1/models                       base model (parent null) + adapters (parent = base)
     GET  /trainers_policy_version, /policy_version, /health
 
 Which weights serve a request, from its headers:
 
-* ``X-Policy-Version: v``: exactly version ``v`` (loops' own pinned clients); 410 once it is gone.
+* ``X-Policy-Version: v``: exactly version ``v`` of the run (loops' own pinned clients); 410 once it is gone.
 * ``X-Checkpoint-Path: p`` with ``X-Min-Policy-Version: m``: the checkpoint at ``p`` until the live
   version reaches ``m``, then the live one (the published client's ``create_sampling_client``).
   Without ``m``: the checkpoint at ``p``, loaded on demand.
@@ -19,16 +24,12 @@ Which weights serve a request, from its headers:
 * nothing: the live (latest published) version; the base model before any publication.
 
 Every answer carries ``x-trainers-policy-version``: the policy version that was served (0 = base).
-A version is kept while it is the live one, among the newest ``keep_versions``, or was used in the
-last ``idle_unload_s`` seconds; the rest are unloaded from the engine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -36,39 +37,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..checkpoints import CheckpointStore
+from ..checkpoints import CheckpointStore, parse_uri
 from ..engine import GenerationRequest, SamplerEngine
 from ..errors import InvalidRequestError
+from .adapters import Adapter, AdapterTable
 from .stats import stats_route
 from .incarnation import IncarnationMiddleware
 from .http import find_guard, guard, error_response, guarded, json_body
 
 DEFAULT_MAX_TOKENS = 16  # as vLLM's completions endpoint
-_ADHOC_BASE = 1_000_000_000  # engine ids for checkpoints loaded by path, apart from policy versions
-
-
-@dataclass
-class Adapter:
-    engine_id: int
-    name: str
-    path: str
-    policy_version: int | None
-    last_used: float
 
 
 class SamplerServer:
     def __init__(self, engine: SamplerEngine, *, store: CheckpointStore | None = None, api_key: str | None = None,
-                 keep_versions: int = 4, idle_unload_s: float = 1800.0, name: str | None = None):
+                 keep_versions: int = 4, idle_unload_s: float = 1800.0, name: str | None = None,
+                 max_resident: int = 16):
         self.engine = engine
         self.store = store or CheckpointStore()
-        self.keep_versions = keep_versions
-        self.idle_unload_s = idle_unload_s
+        self.table = AdapterTable(engine, self.store, keep_versions=keep_versions, idle_unload_s=idle_unload_s,
+                                  max_resident=max_resident)
         self.model_name = name or engine.base_model
-        self.adapters: dict[int, Adapter] = {}
-        self.live: Adapter | None = None
+        self.default_run: str | None = None  # the run of requests that name none (the trainer says which)
         self.shutting_down = False
-        self._next_adhoc = _ADHOC_BASE
-        self._lock: asyncio.Lock | None = None
         routes = [
             Route("/sample", self._sample, methods=["POST"]),
             Route("/v1/completions", self._sample, methods=["POST"]),
@@ -82,15 +72,6 @@ class SamplerServer:
         ]
         self.app = IncarnationMiddleware(guard(Starlette(routes=routes), self, api_key=api_key, role="sampler"))
 
-    @property
-    def live_version(self) -> int:
-        return self.live.policy_version or 0 if self.live else 0
-
-    def _locked(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
-
     # ---- adapters -------------------------------------------------------------------------
     @guarded
     async def _load(self, request: Request) -> Response:
@@ -99,71 +80,30 @@ class SamplerServer:
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise InvalidRequestError("lora_name and lora_path are required strings", field="lora_name")
         version = body.get("policy_version")
-        if version is not None and (not isinstance(version, int) or version < 1):
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
             raise InvalidRequestError("policy_version must be a positive integer", field="policy_version")
-        directory = self.store.resolve(path)
-        async with self._locked():
-            if version is None:
-                version = self.live_version + 1
-            if version in self.adapters:
-                await self.engine.unload_adapter(version)
-            await self.engine.load_adapter(version, directory)
-            adapter = Adapter(version, name, path, version, time.monotonic())
-            self.adapters[version] = adapter
-            if self.live is None or version >= self.live_version:
-                self.live = adapter
-            await self._collect()
-        return JSONResponse({"status": "ok", "lora_name": name, "policy_version": version})
+        run = body.get("run_id")
+        if run is not None and not isinstance(run, str):
+            raise InvalidRequestError("run_id must be a string", field="run_id")
+        if body.get("default_run"):
+            self.default_run = run
+        version = await self.table.publish(name, path, self.store.resolve(path), run, version)
+        return JSONResponse({"status": "ok", "lora_name": name, "policy_version": version, "run_id": run})
 
     @guarded
     async def _unload(self, request: Request) -> Response:
         body = await json_body(request)
         name = body.get("lora_name")
-        async with self._locked():
-            hits = [a for a in self.adapters.values() if a.name == name]
-            if not hits:
-                return error_response(404, f"no adapter named {name!r} is loaded")
-            for a in hits:
-                await self._drop(a)
+        if not await self.table.unload_named(name):
+            return error_response(404, f"no adapter named {name!r} is loaded")
         return JSONResponse({"status": "ok"})
 
-    async def _drop(self, a: Adapter) -> None:
-        del self.adapters[a.engine_id]
-        await self.engine.unload_adapter(a.engine_id)
-        if self.live is a:
-            pubs = [x for x in self.adapters.values() if x.policy_version]
-            self.live = max(pubs, key=lambda x: x.policy_version or 0) if pubs else None
-
-    async def _collect(self) -> None:
-        """Unload versions that are not live, not among the newest few, and idle."""
-        now = time.monotonic()
-        newest = sorted(self.adapters.values(), key=lambda a: a.engine_id)[-self.keep_versions:]
-        for a in list(self.adapters.values()):
-            if a is not self.live and a not in newest and now - a.last_used > self.idle_unload_s:
-                await self._drop(a)
-
-    async def _by_path(self, path: str) -> Adapter:
-        directory = self.store.resolve(path, kind="sampler_weights")
-        hits = [a for a in self.adapters.values() if a.path in (path, str(directory.resolve()))]
-        if hits:
-            return max(hits, key=lambda a: a.engine_id)
-        async with self._locked():
-            self._next_adhoc += 1
-            # Keyed by the resolved directory: other spellings of one path share one adapter.
-            a = Adapter(self._next_adhoc, path.rstrip("/").rsplit("/", 1)[-1], str(directory.resolve()), None,
-                        time.monotonic())
-            try:
-                await self.engine.load_adapter(a.engine_id, directory)
-            except Exception as exc:  # a directory that only looks like an adapter: the client's input
-                raise InvalidRequestError(f"cannot load the adapter at {path[:200]!r}: {type(exc).__name__}: "
-                                          f"{str(exc)[:200]}", field="X-Checkpoint-Path") from None
-            self.adapters[a.engine_id] = a
-            adhoc = sorted((x for x in self.adapters.values() if x.policy_version is None and x is not a),
-                           key=lambda x: x.last_used)
-            keep = find_guard(self.app).limits.max_adhoc_adapters
-            for old in adhoc[:max(0, len(adhoc) + 1 - keep)]:  # the least recently used go
-                await self._drop(old)
-        return a
+    def _run_of(self, request: Request) -> str | None:
+        named = request.headers.get("x-run-id") or request.query_params.get("run_id")
+        if named:
+            return named
+        parsed = parse_uri(request.headers.get("x-checkpoint-path") or "")
+        return parsed[0] if parsed else self.default_run
 
     async def _choose(self, request: Request) -> Adapter | None | Response:
         h = request.headers
@@ -173,22 +113,25 @@ class SamplerServer:
         except ValueError:
             raise InvalidRequestError("X-Policy-Version / X-Min-Policy-Version must be integers",
                                       field="X-Min-Policy-Version") from None
+        run = self._run_of(request)
+        live = self.table.live_version(run)
         path = h.get("x-checkpoint-path")
         if exact is not None:
             if exact == 0:
                 return None
-            if exact not in self.adapters:
-                if exact > self.live_version:
-                    return error_response(408, f"version {exact} is not loaded yet (live: {self.live_version})")
-                return error_response(410, f"policy version {exact} is no longer kept by this sampler "
-                                           f"(live: {self.live_version}); create a new sampling client")
-            return self.adapters[exact]
-        if path and (floor is None or self.live_version < floor):
-            return await self._by_path(path)
-        if floor is not None and self.live_version < floor:
-            return error_response(408, f"sampler is at policy version {self.live_version}, below the requested "
+            adapter = self.table.versions.get((run, exact))
+            if adapter is None:
+                if exact > live:
+                    return error_response(408, f"version {exact} of run {run!r} is not loaded yet (live: {live})")
+                return error_response(410, f"policy version {exact} of run {run!r} is no longer kept by this "
+                                           f"sampler (live: {live}); create a new sampling client")
+            return adapter
+        if path and (floor is None or live < floor):
+            return await self.table.by_path(path, run, max_adhoc=find_guard(self.app).limits.max_adhoc_adapters)
+        if floor is not None and live < floor:
+            return error_response(408, f"sampler is at policy version {live} of run {run!r}, below the requested "
                                        f"minimum {floor}; retry shortly", headers={"Retry-After": "1"})
-        return self.live
+        return self.table.live.get(run)
 
     # ---- sampling ---------------------------------------------------------------------------
     @guarded
@@ -200,22 +143,35 @@ class SamplerServer:
         chosen = await self._choose(request)
         if isinstance(chosen, Response):
             return chosen
-        if chosen is not None:
-            chosen.last_used = time.monotonic()
-        gen.adapter = chosen.engine_id if chosen else None
         served = (chosen.policy_version or 0) if chosen else 0
-        result = await self.engine.generate(gen)
+        if chosen is None:
+            result = await self.engine.generate(gen)
+        else:
+            chosen.last_used = time.monotonic()
+            chosen.in_use += 1
+            try:
+                await self.table.ensure_resident(chosen)
+                gen.adapter = chosen.engine_id
+                result = await self.engine.generate(gen)
+            finally:
+                chosen.in_use -= 1
         choices = []
         for i, s in enumerate(result.sequences):
+            logprobs: dict[str, Any] = {"tokens": [f"token_id:{t}" for t in s.tokens], "token_logprobs": s.logprobs}
+            if s.topk is not None:
+                logprobs["topk_logprobs"] = [[[t, lp] for t, lp in top] for top in s.topk]
             choices.append({
                 "index": i, "text": s.text, "token_ids": s.tokens, "finish_reason": s.finish_reason,
-                "sequence_id": uuid.uuid4().hex,
-                "logprobs": {"tokens": [f"token_id:{t}" for t in s.tokens], "token_logprobs": s.logprobs}})
+                "sequence_id": uuid.uuid4().hex, "logprobs": logprobs,
+                **({"topk_logprobs": logprobs["topk_logprobs"]} if s.topk is not None else {})})
         out: dict[str, Any] = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                                "model": chosen.name if chosen else self.model_name, "choices": choices,
                                "prompt_token_ids": gen.prompt,
                                "usage": {"prompt_tokens": len(gen.prompt),
-                                         "completion_tokens": sum(len(s.tokens) for s in result.sequences)}}
+                                         "completion_tokens": sum(len(s.tokens) for s in result.sequences)},
+                               "prompt_cache_hit_tokens": result.prompt_cache_hit_tokens}
+        if result.target_prompt_logprobs is not None:
+            out["target_prompt_logprobs"] = result.target_prompt_logprobs
         if gen.prompt_logprobs is not None:
             plp = _vllm_prompt_logprobs(gen.prompt, result.prompt_logprobs, result.prompt_topk)
             out["prompt_logprobs"] = plp
@@ -275,27 +231,44 @@ class SamplerServer:
         plp = body.get("prompt_logprobs")
         if plp is not None and (not isinstance(plp, int) or isinstance(plp, bool) or plp < 0 or plp > 20):
             raise InvalidRequestError("prompt_logprobs must be an integer in [0, 20] or null", field="prompt_logprobs")
+        topk_sample = _int(body, "topk_sample_logprobs", 0, lo=0)
+        if topk_sample > 20:
+            raise InvalidRequestError("topk_sample_logprobs must be in [0, 20]", field="topk_sample_logprobs")
         return GenerationRequest(prompt=prompt, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  top_k=top_k, seed=seed, stop=stop, stop_token_ids=list(stop_ids),
-                                 stop_at_eos=stop_at_eos, prompt_logprobs=plp)
+                                 stop_at_eos=stop_at_eos, prompt_logprobs=plp, topk_sample_logprobs=topk_sample,
+                                 target_prompt_tokens=_target_tokens(body.get("target_prompt_logprobs"), prompt, v))
 
     # ---- reads ------------------------------------------------------------------------------
     async def _models(self, request: Request) -> Response:
+        """The base model, then the request's run's adapters (its live one first), then the other runs'."""
+        run = self._run_of(request)
         base = {"id": self.model_name, "object": "model", "root": self.engine.base_model, "parent": None}
-        ordered = ([self.live] if self.live else []) + sorted(
-            (a for a in self.adapters.values() if a is not self.live), key=lambda a: -a.engine_id)
+        live = self.table.live.get(run)
+        ordered = ([live] if live else []) + sorted(
+            (a for a in self.table.adapters.values() if a is not live), key=lambda a: (a.run_id != run, -a.engine_id))
         cards = [{"id": a.name, "object": "model", "root": a.path, "parent": self.model_name,
-                  "policy_version": a.policy_version} for a in ordered]
+                  "policy_version": a.policy_version, "run_id": a.run_id} for a in ordered]
         return JSONResponse({"object": "list", "data": [base, *cards]})
 
     async def _version(self, request: Request) -> Response:
-        return JSONResponse({"policy_version": self.live_version})
+        return JSONResponse({"policy_version": self._version_for(request)})
+
+    def _version_for(self, request: Request) -> int:
+        """The live version of the request's run. A request that names no run while several runs
+        publish (an older client) gets the highest of them: that can only end its wait early, and the
+        pinned request that follows names its run through its checkpoint path."""
+        live = self.table.live
+        if request.headers.get("x-run-id") or request.query_params.get("run_id") or not live:
+            return self.table.live_version(self._run_of(request))
+        return max(self.table.live_version(r) for r in live)
 
     async def _health(self, request: Request) -> Response:
         if self.shutting_down:
             return error_response(503, "the sampler is shutting down")
         return JSONResponse({"status": "ok", "base_model": self.engine.base_model,
-                             "policy_version": self.live_version})
+                             "policy_version": self._version_for(request), "runs": len(self.table.live),
+                             "adapters": len(self.table.adapters), "resident": len(self.table.resident)})
 
 
 def _int(body: dict[str, Any], key: str, default: int, *, lo: int) -> int:
@@ -334,3 +307,28 @@ def _vllm_prompt_logprobs(prompt: list[int], actual: list[float | None] | None,
             entry[str(tok)] = {"logprob": lp, "rank": 1 + sum(1 for _, t in top if t > lp)}
         out.append(entry)
     return out
+
+
+def _target_tokens(raw: Any, prompt: list[int], vocab: int) -> list[list[int]] | None:
+    """``target_prompt_logprobs`` as sent (TensorData-like: ``{data, shape}``, or a nested list): an
+    int [len(prompt) - 1, K] table of ids, -1 for none."""
+    if raw is None:
+        return None
+    field = "target_prompt_logprobs"
+    if isinstance(raw, dict):
+        data, shape = raw.get("data"), raw.get("shape")
+        if not isinstance(data, list) or not isinstance(shape, list) or len(shape) != 2 \
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in [*shape, *data]) \
+                or shape[0] * shape[1] != len(data):
+            raise InvalidRequestError(f"{field} must be int64 TensorData of shape [len(prompt) - 1, K]", field=field)
+        rows = [data[i * shape[1]:(i + 1) * shape[1]] for i in range(shape[0])]
+    elif isinstance(raw, list) and all(isinstance(r, list) for r in raw):
+        rows = raw
+    else:
+        raise InvalidRequestError(f"{field} must be int64 TensorData of shape [len(prompt) - 1, K]", field=field)
+    if len(rows) != len(prompt) - 1 or len({len(r) for r in rows}) > 1:
+        raise InvalidRequestError(f"{field} must have len(prompt) - 1 = {len(prompt) - 1} rows of equal length",
+                                  field=field)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and -1 <= t < vocab for r in rows for t in r):
+        raise InvalidRequestError(f"{field} holds a token id outside [-1, {vocab})", field=field)
+    return [list(r) for r in rows]
