@@ -100,6 +100,16 @@ def _server_args(p: argparse.ArgumentParser) -> None:
                         "warning for serve-trainer/serve-sampler)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--seed", type=int, default=None)
+    placement = p.add_argument_group("GPU placement (default: planned from the GPUs present and their free memory)")
+    placement.add_argument("--trainer-device", default=None, help="e.g. cuda:0")
+    placement.add_argument("--sampler-device", default=None, help="e.g. cuda:1 (HF sampler)")
+    placement.add_argument("--gpu-memory-share", type=float, default=None,
+                           help="share of the sampler GPU's memory vLLM may take (0-1]")
+    placement.add_argument("--activation-headroom-gb", type=float, default=None,
+                           help="GPU memory kept for the trainer's activations when the sampler shares its GPU "
+                                "(also LOOPS_ACTIVATION_HEADROOM_GB)")
+    placement.add_argument("--max-lora-rank", type=int, default=None,
+                           help="largest adapter rank the vLLM sampler accepts (default: from --rank)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -146,25 +156,31 @@ def _engines(args: argparse.Namespace) -> tuple[Any, Any]:
     """(make_trainer_engine, make_sampler_engine) for the server options."""
     from .assembly import EngineConfig, make_engines
 
-    return make_engines(EngineConfig(model=args.model, engine=args.engine, sampler_engine=args.sampler_engine,
-                                     rank=args.rank, seed=args.seed))
+    return make_engines(EngineConfig(
+        model=args.model, engine=args.engine, sampler_engine=args.sampler_engine, rank=args.rank, seed=args.seed,
+        trainer_device=args.trainer_device, sampler_device=args.sampler_device,
+        gpu_memory_share=args.gpu_memory_share, activation_headroom_gb=args.activation_headroom_gb,
+        max_lora_rank=args.max_lora_rank))
 
 
 def _serve(args: argparse.Namespace) -> int:
     from .server.run import Listener, require_key_off_loopback, serve
     from .server.sampler import SamplerServer
-    from .server.trainer import SamplerLink, TrainerServer
+    from .server.trainer import TrainerServer
+    from .wire import Endpoint
 
     require_key_off_loopback(args.host, args.api_key)
     make_trainer, make_sampler = _engines(args)
+    # The trainer loads first: on one GPU the sampler sizes its memory share from what is left.
+    trainer_engine = make_trainer()
     sampler = SamplerServer(make_sampler(), api_key=args.api_key)
     # Only the paired trainer may move the sampler's policy version.
     sampler.publish_token = _publish_token() or secrets.token_urlsafe(24)
     headers = {"X-Loops-Publish-Token": sampler.publish_token}
     if args.api_key:
         headers["Authorization"] = f"Api-Key {args.api_key}"
-    link = SamplerLink(url="http://sampler", transport=httpx.ASGITransport(app=sampler.app), headers=headers)
-    trainer = TrainerServer(make_trainer(), run_id=f"run-{uuid.uuid4().hex[:12]}", sampler=link, seed=args.seed,
+    link = Endpoint(url="http://sampler", transport=httpx.ASGITransport(app=sampler.app), headers=headers)
+    trainer = TrainerServer(trainer_engine, run_id=f"run-{uuid.uuid4().hex[:12]}", sampler=link, seed=args.seed,
                             api_key=args.api_key)
 
     def ready(listeners: list[Listener]) -> None:
@@ -180,7 +196,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_trainer(args: argparse.Namespace) -> int:
     from .server.run import Listener, require_key_off_loopback, serve
-    from .server.trainer import SamplerLink, TrainerServer
+    from .server.trainer import TrainerServer
+    from .wire import Endpoint
 
     require_key_off_loopback(args.host, args.api_key)
     make_trainer, _ = _engines(args)
@@ -189,7 +206,7 @@ def _serve_trainer(args: argparse.Namespace) -> int:
         headers = {"Authorization": f"Api-Key {args.api_key}"} if args.api_key else {}
         if _publish_token():
             headers["X-Loops-Publish-Token"] = _publish_token()
-        link = SamplerLink(url=args.sampler_url, headers=headers or None)
+        link = Endpoint(url=args.sampler_url, headers=headers)
     trainer = TrainerServer(make_trainer(), run_id=args.run_id or f"run-{uuid.uuid4().hex[:12]}", sampler=link,
                             seed=args.seed, api_key=args.api_key)
     serve([Listener("trainer", trainer.app, args.host, args.port)], parent_pid=args.parent_pid,
