@@ -14,6 +14,7 @@ Each test prints one summary line: requests, 2xx, 4xx, 5xx, slow, state unchange
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -150,7 +151,7 @@ class Fuzzer:
         self.trainer.gap_wait = 0.01
         for s in (self.trainer, self.sampler):
             find_guard(s.app).api_key = KEY.encode()
-        self.trainer.sampler.headers = {"Authorization": f"Api-Key {KEY}"}
+        self.trainer.sampler = dataclasses.replace(self.trainer.sampler, headers={"Authorization": f"Api-Key {KEY}"})
         self.app = self.trainer.app if role == "trainer" else self.sampler.app
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://fuzz",
                                         timeout=BOUND_S * 4)

@@ -435,7 +435,7 @@ def test_publish_follows_the_303_past_the_deadline(fake, modal_service):
     sampler = fake.endpoint("sampler")
     assert sampler.script.redirects >= 1  # Modal's proxy answered 303 ...
     assert sampler.script.followed >= 1   # ... and the trainer waited for the load's result behind it
-    assert sampler.container.server.live_version == 1 and _sample(sc).policy_version == 1
+    assert sampler.container.server.table.live_version(tc.run_id) == 1 and _sample(sc).policy_version == 1
     service.close()
 
 

@@ -40,7 +40,7 @@ class Limits(BaseSettings):
                                       "float32 gradients overflow)")
     max_n: int = Field(1024, gt=0, description="samples per /sample call")
     max_sample_tokens: int = Field(1 << 21, gt=0, description="n * (prompt + max_tokens) per /sample call")
-    max_lora_rank: int = Field(4096, gt=0)
+    max_lora_rank: int = Field(4096, gt=0, description="largest LoRA rank a run may ask for")
     max_result_bytes: int = Field(128 << 20, gt=0, description="finished results kept, as JSON bytes "
                                   "(Python objects take ~1.6x that in RSS); oldest dropped first")
     max_adhoc_adapters: int = Field(8, gt=0, description="adapters a sampler keeps loaded by path (LRU)")

@@ -141,7 +141,8 @@ def test_a_different_base_model_is_refused_naming_both(service, contract_model, 
                                    json={"base_model": "someone/else", "lora_rank": 4}))
         assert "someone/else" in str(err.value) and contract_model in str(err.value)
         with pytest.raises(InvalidRequestError, match="someone/else"):
-            run_sync(probe.submit("/forward", {"data": [], "model": "someone/else", "run_id": tc.run_id},
+            datum = sft_datum(*france(tc.get_tokenizer())).model_dump(mode="json")
+            run_sync(probe.submit("/forward", {"data": [datum], "model": "someone/else", "run_id": tc.run_id},
                                   what="forward"))
     finally:
         run_sync(probe.aclose())
