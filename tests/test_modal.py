@@ -354,7 +354,8 @@ def test_restarted_sampler_serves_the_published_versions(fake, modal_service):
     after = _sample(pinned)
     assert sampler.script.starts == 2 and sampler.container.server is not old
     assert after.policy_version == 1 and after.sequences[0].tokens == before.sequences[0].tokens
-    assert sorted(sampler.container.server.adapters) == [1, 2] and sampler.container.server.live_version == 2
+    restored = sampler.container.server.table
+    assert sorted(v for _, v in restored.versions) == [1, 2] and restored.live_version(tc.run_id) == 2
     # it restored every version, so it kept its incarnation: the client had nothing to notice
     assert after.policy_version == 1 and sampler.container.server.app.stamp.value == old.app.stamp.value
     service.close()
@@ -394,7 +395,7 @@ def test_publish_follows_the_303_past_the_deadline(fake, modal_service):
     sampler = fake.endpoint("sampler")
     assert sampler.script.redirects >= 1  # Modal's proxy answered 303 ...
     assert sampler.script.followed >= 1   # ... and the trainer waited for the load's result behind it
-    assert sampler.container.server.live_version == 1 and _sample(sc).policy_version == 1
+    assert sampler.container.server.table.live_version(tc.run_id) == 1 and _sample(sc).policy_version == 1
     service.close()
 
 
