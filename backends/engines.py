@@ -28,8 +28,12 @@ def torch_sampler(config: Any) -> Any:
     from .local_gpu.samplers import make_sampler_engine
 
     kw: dict[str, Any] = {}
-    if config.sampler_engine == "vllm":
-        kw["max_lora_rank"] = config.sampler_max_lora_rank
+    if config.sampler_engine == "vllm":  # vLLM-only knobs; otherwise placement.py plans them
+        if config.max_lora_rank is not None:
+            kw["max_lora_rank"] = config.max_lora_rank
         if config.gpu_memory_share is not None:
             kw["gpu_memory_utilization"] = config.gpu_memory_share
-    return make_sampler_engine(config.model, engine=config.sampler_engine, **kw)
+    elif config.sampler_device is not None:
+        kw["device"] = config.sampler_device
+    return make_sampler_engine(config.model, engine=config.sampler_engine, lora_rank=config.rank,
+                               activation_headroom_gb=config.activation_headroom_gb, **kw)

@@ -31,11 +31,8 @@ class EngineConfig(BaseModel):
     gpu_memory_share: float | None = Field(None, gt=0, le=1, description=(
         "share of the sampler GPU's memory vLLM may take; default: planned from what the trainer left free"))
     max_lora_rank: int | None = Field(None, ge=1, description="largest adapter rank the sampler accepts")
-
-    @property
-    def sampler_max_lora_rank(self) -> int:
-        """vLLM must be told the largest rank up front: at least 64 (its default), at least ``rank``."""
-        return self.max_lora_rank or max(64, self.rank)
+    activation_headroom_gb: float | None = Field(None, gt=0, description=(
+        "GPU memory kept free for the trainer's activations when the sampler shares its GPU"))
 
 
 Factory = Callable[[EngineConfig], Any]

@@ -9,6 +9,12 @@ Each checkpoint directory holds a ``checkpoint.json`` with its metadata. A check
 as ``loops://<run_id>/<weights|sampler_weights>/<name>``; the Baseten form
 ``bt://loops:<run_id>/...``, Tinker's ``tinker://<run_id>/...``, ``file://`` URLs and plain
 directory paths are accepted too. Its id is ``<run_id>/<kind>/<name>``.
+
+Nothing leaves the store's root: run ids and names are single path components (no ``..``, no
+``/``), and a ``file://`` URL or directory path must resolve (symlinks followed, then checked) to a
+directory under the root or under one of the extra roots the server was given
+(``LOOPS_CHECKPOINT_ROOTS``, ``os.pathsep``-separated). Any other path is refused with the same
+message whether or not it exists. File listings skip symlinks.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ KINDS = ("weights", "sampler_weights")
 META = "checkpoint.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PATH = re.compile(r"^(?:loops://|tinker://|bt://loops:)([^/]+)/(weights|sampler_weights)/([^/]+)/?$")
+_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 def loops_home() -> Path:
@@ -55,12 +62,40 @@ def parse_uri(path: str) -> tuple[str, str, str] | None:
     return (m.group(1), m.group(2), m.group(3)) if m else None
 
 
+def check_run_id(run_id: str, field: str = "run_id") -> str:
+    if not isinstance(run_id, str) or not _RUN.match(run_id) or ".." in run_id:
+        raise InvalidRequestError(f"{field}={str(run_id)[:80]!r} is not a valid run id: letters, digits, '.', '_', "
+                                  "':' and '-' only", field=field)
+    return run_id
+
+
+def extra_roots() -> list[Path]:
+    """Directories besides the store's root that checkpoint paths may point into (``LOOPS_CHECKPOINT_ROOTS``)."""
+    raw = os.environ.get("LOOPS_CHECKPOINT_ROOTS") or ""
+    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p]
+
+
 class CheckpointStore:
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, *, roots: list[Path] | None = None):
         self.root = Path(root) if root else loops_home() / "runs"
+        self.roots = roots  # extra roots for file paths; None: read LOOPS_CHECKPOINT_ROOTS when needed
 
     def dir_for(self, run_id: str, kind: str, name: str) -> Path:
-        return self.root / run_id / kind / name
+        if kind not in KINDS:
+            raise InvalidRequestError(f"checkpoint kind {kind[:40]!r} is not one of {KINDS}", field="path")
+        return self.root / check_run_id(run_id) / kind / check_name(name)
+
+    def _inside_roots(self, path: str, d: Path) -> Path:
+        try:
+            real = d.resolve()
+        except (OSError, ValueError):
+            real = Path("/\0")  # unresolvable: refused below like any path outside the roots
+        roots = [self.root.resolve(), *(self.roots if self.roots is not None else extra_roots())]
+        if not any(real == r or r in real.parents for r in roots):
+            raise InvalidRequestError(
+                f"path {path[:200]!r} is outside this server's checkpoint roots: pass a loops:// checkpoint URI, "
+                "or start the server with LOOPS_CHECKPOINT_ROOTS naming the directory", field="path")
+        return real
 
     def create(self, run_id: str, kind: str, name: str, *, base_model: str, lora_rank: int,
                write: Callable[[Path], None]) -> tuple[Path, Checkpoint]:
@@ -107,23 +142,35 @@ class CheckpointStore:
             run_id, k, name = parsed
             if kind and k != kind:
                 raise InvalidRequestError(
-                    f"path {path!r} is a {k} checkpoint; this call needs a {kind} checkpoint", field="path")
+                    f"path {path[:200]!r} is a {k} checkpoint; this call needs a {kind} checkpoint", field="path")
             d = self.dir_for(run_id, k, name)
+            if d.is_symlink():
+                raise InvalidRequestError(f"checkpoint {path[:200]!r} is a symbolic link; refusing it", field="path")
         elif path.startswith("file://"):
-            d = Path(unquote(urlparse(path).path))
+            d = self._inside_roots(path, Path(unquote(urlparse(path).path)))
         elif "://" in path:
             raise InvalidRequestError(
-                f"path {path!r} is not a checkpoint this server can read: use loops://<run>/<weights|"
+                f"path {path[:200]!r} is not a checkpoint this server can read: use loops://<run>/<weights|"
                 "sampler_weights>/<name> (or bt://loops:..., tinker://...), file:// or a directory",
                 field="path")
+        elif "\0" in path:
+            raise InvalidRequestError("path holds a NUL character", field="path")
         else:
-            d = Path(path).expanduser()
-        if not d.is_dir():
-            raise NotFoundError(f"checkpoint {path!r} not found (looked in {d})", status_code=404)
+            d = self._inside_roots(path, Path(path).expanduser())
+        try:
+            found = d.is_dir()
+        except (OSError, ValueError):
+            found = False
+        if not found:
+            raise NotFoundError(f"checkpoint {path[:200]!r} not found", status_code=404)
+        if kind == "sampler_weights" and not (d / "adapter_config.json").is_file():
+            raise InvalidRequestError(f"{path[:200]!r} is not a LoRA adapter directory (no adapter_config.json)",
+                                      field="path")
         return d
 
     def list(self, run_id: str) -> list[Checkpoint]:
         out = []
+        check_run_id(run_id)
         for kind in KINDS:
             base = self.root / run_id / kind
             if not base.is_dir():
@@ -144,7 +191,7 @@ class CheckpointStore:
                     field="checkpoint_id")
             parts = list(parsed)
         d = self.dir_for(*parts)
-        if not (d / META).is_file():
+        if d.is_symlink() or not (d / META).is_file():
             raise NotFoundError(f"checkpoint {checkpoint_id!r} not found", status_code=404)
         return Checkpoint.model_validate_json((d / META).read_text()), d
 
@@ -153,7 +200,7 @@ class CheckpointStore:
         if page_size <= 0 or page_token < 0:
             raise InvalidRequestError("page_size must be > 0 and page_token >= 0", field="page_size")
         _, d = self.get(checkpoint_id)
-        files = sorted(p for p in d.rglob("*") if p.is_file())
+        files = sorted(p for p in d.rglob("*") if p.is_file() and not is_linked(p, d))
         page = files[page_token:page_token + page_size]
         nxt = page_token + page_size
         return CheckpointFilesResponse(
@@ -167,6 +214,15 @@ class CheckpointStore:
     def delete(self, checkpoint_id: str) -> None:
         _, d = self.get(checkpoint_id)
         shutil.rmtree(d)
+
+
+def is_linked(p: Path, top: Path) -> bool:
+    """True when ``p`` or a directory between it and ``top`` is a symbolic link (never followed)."""
+    while p != top and p != p.parent:
+        if p.is_symlink():
+            return True
+        p = p.parent
+    return False
 
 
 def read_meta(directory: Path) -> dict:

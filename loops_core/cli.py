@@ -7,20 +7,28 @@
     loops serve --api tinker [--engine fake|local] [--model M] [--port N]   Tinker's HTTP API, for the tinker SDK
     loops serve-trainer / serve-sampler ...      one server (the local backend starts these)
     loops emulate baseten [--port N] [--engine fake|local]   the Baseten control-plane emulator
+    loops --version
+
+Servers read their API key from ``LOOPS_API_KEY`` or ``--api-key-file PATH``, never from the
+command line (process arguments are visible to every user in ``ps``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     argv = sys.argv[1:] if argv is None else list(argv)
     api = argparse.ArgumentParser(add_help=False)
     api.add_argument("--api", default="loops")
@@ -29,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_tinker_api(argv[1:])
     parser = argparse.ArgumentParser(prog="loops", description="loops: LoRA post-training on pluggable backends")
+    parser.add_argument("--version", action="version", version=f"loops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("backends", help="list the registered backends")
@@ -56,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     emulate.add_argument("rest", nargs=argparse.REMAINDER, help="options of the emulator (see --help)")
 
     args = parser.parse_args(argv)
+    if getattr(args, "api_key", None) is not None:
+        parser.error("--api-key is not accepted: a key on the command line is visible to every user in `ps`. "
+                     "Set LOOPS_API_KEY or pass --api-key-file PATH")
+    if hasattr(args, "api_key_file"):
+        args.api_key = _read_api_key(parser, args.api_key_file)
+    if getattr(args, "checkpoint_root", None):  # read by CheckpointStore when it checks a path
+        roots = [os.environ.get("LOOPS_CHECKPOINT_ROOTS", ""), *args.checkpoint_root]
+        os.environ["LOOPS_CHECKPOINT_ROOTS"] = os.pathsep.join(r for r in roots if r)
     return {"backends": _backends, "serve": _serve, "serve-trainer": _serve_trainer,
             "serve-sampler": _serve_sampler, "emulate": _emulate}[args.command](args)
 
@@ -72,10 +89,52 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="local", choices=["fake", "local"], help="numpy fake or torch (default)")
     p.add_argument("--sampler-engine", default="auto", choices=["auto", "hf", "vllm"])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--api-key", default=os.environ.get("LOOPS_API_KEY"), help="required off loopback")
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused: see _read_api_key
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the API key (else LOOPS_API_KEY); required off loopback, >= 16 characters")
+    p.add_argument("--checkpoint-root", action="append", default=[], metavar="DIR",
+                   help="a directory (besides $LOOPS_HOME/runs) that load paths may point into; repeatable "
+                        "(also LOOPS_CHECKPOINT_ROOTS)")
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="info logs one line per request (default: LOOPS_LOG_LEVEL, else info for serve, "
+                        "warning for serve-trainer/serve-sampler)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--seed", type=int, default=None)
+    placement = p.add_argument_group("GPU placement (default: planned from the GPUs present and their free memory)")
+    placement.add_argument("--trainer-device", default=None, help="e.g. cuda:0")
+    placement.add_argument("--sampler-device", default=None, help="e.g. cuda:1 (HF sampler)")
+    placement.add_argument("--gpu-memory-share", type=float, default=None,
+                           help="share of the sampler GPU's memory vLLM may take (0-1]")
+    placement.add_argument("--activation-headroom-gb", type=float, default=None,
+                           help="GPU memory kept for the trainer's activations when the sampler shares its GPU "
+                                "(also LOOPS_ACTIVATION_HEADROOM_GB)")
+    placement.add_argument("--max-lora-rank", type=int, default=None,
+                           help="largest adapter rank the vLLM sampler accepts (default: from --rank)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _read_api_key(parser: argparse.ArgumentParser, path: str | None) -> str | None:
+    if not path:
+        return os.environ.get("LOOPS_API_KEY") or None
+    try:
+        key = Path(path).expanduser().read_text().strip()
+    except OSError as exc:
+        parser.error(f"--api-key-file {path}: {exc.strerror}")
+    if not key:
+        parser.error(f"--api-key-file {path} is empty")
+    return key
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    # `loops serve` is watched by a person: a line per request. The servers a backend starts log to a
+    # file: warnings only, unless asked.
+    default = "info" if args.command == "serve" else "warning"
+    return args.log_level or os.environ.get("LOOPS_LOG_LEVEL") or default
+
+
+def _publish_token() -> str:
+    """The secret a trainer shows its sampler when publishing (``X-Loops-Publish-Token``)."""
+    return os.environ.get("LOOPS_PUBLISH_TOKEN") or ""
 
 
 def _backends(args: argparse.Namespace) -> int:
@@ -97,21 +156,31 @@ def _engines(args: argparse.Namespace) -> tuple[Any, Any]:
     """(make_trainer_engine, make_sampler_engine) for the server options."""
     from .assembly import EngineConfig, make_engines
 
-    return make_engines(EngineConfig(model=args.model, engine=args.engine, sampler_engine=args.sampler_engine,
-                                     rank=args.rank, seed=args.seed))
+    return make_engines(EngineConfig(
+        model=args.model, engine=args.engine, sampler_engine=args.sampler_engine, rank=args.rank, seed=args.seed,
+        trainer_device=args.trainer_device, sampler_device=args.sampler_device,
+        gpu_memory_share=args.gpu_memory_share, activation_headroom_gb=args.activation_headroom_gb,
+        max_lora_rank=args.max_lora_rank))
 
 
 def _serve(args: argparse.Namespace) -> int:
     from .server.run import Listener, require_key_off_loopback, serve
     from .server.sampler import SamplerServer
-    from .server.trainer import SamplerLink, TrainerServer
+    from .server.trainer import TrainerServer
+    from .wire import Endpoint
 
     require_key_off_loopback(args.host, args.api_key)
     make_trainer, make_sampler = _engines(args)
+    # The trainer loads first: on one GPU the sampler sizes its memory share from what is left.
+    trainer_engine = make_trainer()
     sampler = SamplerServer(make_sampler(), api_key=args.api_key)
-    link = SamplerLink(url="http://sampler", transport=httpx.ASGITransport(app=sampler.app),
-                       headers={"Authorization": f"Api-Key {args.api_key}"} if args.api_key else None)
-    trainer = TrainerServer(make_trainer(), run_id=f"run-{uuid.uuid4().hex[:12]}", sampler=link, seed=args.seed,
+    # Only the paired trainer may move the sampler's policy version.
+    sampler.publish_token = _publish_token() or secrets.token_urlsafe(24)
+    headers = {"X-Loops-Publish-Token": sampler.publish_token}
+    if args.api_key:
+        headers["Authorization"] = f"Api-Key {args.api_key}"
+    link = Endpoint(url="http://sampler", transport=httpx.ASGITransport(app=sampler.app), headers=headers)
+    trainer = TrainerServer(trainer_engine, run_id=f"run-{uuid.uuid4().hex[:12]}", sampler=link, seed=args.seed,
                             api_key=args.api_key)
 
     def ready(listeners: list[Listener]) -> None:
@@ -119,24 +188,29 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"trainer: {t.url}\nsampler: {s.url}\n"
               f"connect: ServiceClient.local(trainer_url={t.url!r}, sampler_url={s.url!r})", flush=True)
 
-    serve([Listener("trainer", trainer.app, args.host, args.trainer_port),
-           Listener("sampler", sampler.app, args.host, args.sampler_port)], parent_pid=args.parent_pid, on_ready=ready)
+    serve([Listener("trainer", trainer.app, args.host, args.trainer_port, flag="--trainer-port"),
+           Listener("sampler", sampler.app, args.host, args.sampler_port, flag="--sampler-port")],
+          parent_pid=args.parent_pid, on_ready=ready, log_level=_log_level(args))
     return 0
 
 
 def _serve_trainer(args: argparse.Namespace) -> int:
     from .server.run import Listener, require_key_off_loopback, serve
-    from .server.trainer import SamplerLink, TrainerServer
+    from .server.trainer import TrainerServer
+    from .wire import Endpoint
 
     require_key_off_loopback(args.host, args.api_key)
     make_trainer, _ = _engines(args)
     link = None
     if args.sampler_url:
-        link = SamplerLink(url=args.sampler_url,
-                           headers={"Authorization": f"Api-Key {args.api_key}"} if args.api_key else None)
+        headers = {"Authorization": f"Api-Key {args.api_key}"} if args.api_key else {}
+        if _publish_token():
+            headers["X-Loops-Publish-Token"] = _publish_token()
+        link = Endpoint(url=args.sampler_url, headers=headers)
     trainer = TrainerServer(make_trainer(), run_id=args.run_id or f"run-{uuid.uuid4().hex[:12]}", sampler=link,
                             seed=args.seed, api_key=args.api_key)
-    serve([Listener("trainer", trainer.app, args.host, args.port)], parent_pid=args.parent_pid)
+    serve([Listener("trainer", trainer.app, args.host, args.port)], parent_pid=args.parent_pid,
+          log_level=_log_level(args))
     return 0
 
 
@@ -147,7 +221,9 @@ def _serve_sampler(args: argparse.Namespace) -> int:
     require_key_off_loopback(args.host, args.api_key)
     _, make_sampler = _engines(args)
     sampler = SamplerServer(make_sampler(), api_key=args.api_key)
-    serve([Listener("sampler", sampler.app, args.host, args.port)], parent_pid=args.parent_pid)
+    sampler.publish_token = _publish_token() or None
+    serve([Listener("sampler", sampler.app, args.host, args.port)], parent_pid=args.parent_pid,
+          log_level=_log_level(args))
     return 0
 
 

@@ -4,12 +4,15 @@
 carry their own authorisation, and the key must not travel to a storage host. Each file is
 streamed to ``<name>.part`` and renamed when complete; its size must equal ``size_bytes``. A
 destination that is not empty is refused; on any failure the files written so far are removed.
+Symbolic links are never followed: a ``file://`` source that is a link (or under a linked directory)
+is refused (listings skip linked directories), and no file name may step out of the destination.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
@@ -84,7 +87,7 @@ async def _fetch(client: httpx.AsyncClient, f: CheckpointFile, path: Path, writt
     if f.url.startswith("file://"):  # local and fake backends list their files by path
         src = Path(unquote(urlparse(f.url).path))
         try:
-            n = (await asyncio.to_thread(shutil.copyfile, src, part)).stat().st_size
+            n = await asyncio.to_thread(_copy_no_links, src, part)
         except OSError as exc:
             raise APIError(f"{what}: cannot copy {src}: {exc}") from exc
     else:
@@ -95,6 +98,16 @@ async def _fetch(client: httpx.AsyncClient, f: CheckpointFile, path: Path, writt
     part.replace(path)
     written.append(path)
     return n
+
+
+def _copy_no_links(src: Path, dest: Path) -> int:
+    """Copy ``src`` to ``dest``; refuse if ``src`` is a symbolic link (listings skip linked directories)."""
+    if src.is_symlink():
+        raise OSError(f"{src} is a symbolic link; refusing to follow it")
+    fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as inp, open(dest, "wb") as out:
+        shutil.copyfileobj(inp, out, 1 << 20)
+        return out.tell()
 
 
 async def _stream(client: httpx.AsyncClient, f: CheckpointFile, part: Path, what: str, where: str) -> int:

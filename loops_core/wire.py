@@ -117,7 +117,7 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     field_name = None
     with contextlib.suppress(ValueError, AttributeError, TypeError):
         field_name = response.json().get("error", {}).get("field")
-    if status in (400, 422):
+    if status in (400, 409, 413, 422):  # wrong input, a reused Idempotency-Key, a body over the limit
         raise InvalidRequestError(f"{what}: {text}", field=field_name, status_code=status)
     if status in (401, 403):
         raise AuthenticationError(f"{what}: the server rejected the credentials ({status}): {text}")

@@ -18,15 +18,15 @@ import httpx
 import pytest
 
 from loops_core import (AdamParams, APIConnectionError, APIError, APIStatusError, APITimeoutError, AuthenticationError,
-                        InvalidRequestError, LoopsError, ModelInput, NotFoundError, SamplingParams, ServerShutdownError,
+                        ConfigurationError, InvalidRequestError, LoopsError, ModelInput, NotFoundError, SamplingParams, ServerShutdownError,
                         ServiceClient)
 from loops_core.backend import BackendConfig
 from loops_core.futures import run_sync
 from loops_core.testing.contract.data import france, sft_datum
 from loops_core.types import CheckpointDownload
 from loops_core.wire import Endpoint, WireClient
-from loops_backends.baseten.backend import BasetenBackend
-from loops_backends.baseten.control_plane import ControlPlane, DeploymentFailedError, RetryPolicy
+from loops_backends.baseten.backend import BasetenBackend, BasetenSettings
+from loops_backends.baseten.control_plane import ControlPlane, DeploymentFailedError, control_plane_policy
 from loops_backends.baseten.emulator import Emulator
 from loops_backends.baseten.models import RunEnvelope, SamplerRecord
 from loops_backends.baseten.readiness import Heartbeat, wait_for_sampler
@@ -252,11 +252,20 @@ def test_control_plane_bursts_beyond_the_budget_fail_clearly(emu):
     n = len(requests_to(emu, "POST", "/v1/loops/sessions"))
     with pytest.raises(APIStatusError) as info:
         client(emu)
-    assert info.value.status_code == 500 and "HTTP 500 (3 attempts)" in str(info.value)
-    assert len(requests_to(emu, "POST", "/v1/loops/sessions")) - n == 3  # one try + two retries for a 500
-    emu.faults.update(burst_count=10, burst_status=502)
-    with pytest.raises(APIStatusError, match="HTTP 502 .3 attempts"):
-        client(emu, retries=2)
+    assert info.value.status_code == 500 and "HTTP 500 (1 attempt)" in str(info.value)
+    assert len(requests_to(emu, "POST", "/v1/loops/sessions")) - n == 1  # CONTROL_PLANE: a 500 is final
+    emu.faults.update(burst_count=1000, burst_status=502)
+    n = len(requests_to(emu, "POST", "/v1/loops/sessions"))
+    started = time.monotonic()
+    with pytest.raises(APIStatusError, match=r"HTTP 502 \(\d+ attempts\); giving up"):
+        client(emu, retry_budget_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert 2 < len(requests_to(emu, "POST", "/v1/loops/sessions")) - n < 1000
+    emu.faults.update(burst_count=5, burst_status=502)
+    n = len(requests_to(emu, "POST", "/v1/loops/sessions"))
+    with pytest.raises(APIStatusError, match=r"HTTP 502 \(1 attempt\)"):
+        client(emu, retry_budget_s=0)
+    assert len(requests_to(emu, "POST", "/v1/loops/sessions")) - n == 1
 
 
 # ---- errors and secrets --------------------------------------------------------------------------
@@ -282,8 +291,8 @@ def test_unreachable_base_url_names_loops_base_url():
     from loops_backends.local_gpu.backend import free_port
 
     with pytest.raises(APIConnectionError, match="LOOPS_BASE_URL"):
-        ServiceClient(backend="baseten", api_key=KEY, base_url=f"http://127.0.0.1:{free_port()}", retries=1,
-                      retry_backoff_s=0.001)
+        ServiceClient(backend="baseten", api_key=KEY, base_url=f"http://127.0.0.1:{free_port()}",
+                      retry_budget_s=0.05, retry_backoff_s=0.001)
 
 
 def test_settings_are_read_when_the_backend_is_built(monkeypatch):
@@ -297,10 +306,23 @@ def test_settings_are_read_when_the_backend_is_built(monkeypatch):
     assert (b.base_url, b.heartbeat_s, b.availability_model) == ("http://127.0.0.1:1", 7.0, "spot")
     b = BasetenBackend(BackendConfig(api_key="other", base_url="http://h", options={"heartbeat_s": 2}))
     assert (b.base_url, b.heartbeat_s, b.control._api_key) == ("http://h", 2.0, "other")
-    with pytest.raises(InvalidRequestError, match="heartbeat_seconds"):
+    with pytest.raises(ConfigurationError, match="heartbeat_seconds"):
         BasetenBackend(BackendConfig(options={"heartbeat_seconds": 1}))
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(ConfigurationError, match="availability_model"):
         BasetenBackend(BackendConfig(options={"availability_model": "cheap"}))
+    with pytest.raises(ConfigurationError, match="replicas"):
+        BasetenBackend(BackendConfig(options={"replicas": 0}))
+    monkeypatch.setenv("LOOPS_RETRY_BUDGET_S", "-1")
+    with pytest.raises(ConfigurationError, match="LOOPS_RETRY_BUDGET_S"):
+        BasetenBackend(BackendConfig())
+    monkeypatch.setenv("LOOPS_RETRY_BUDGET_S", "5")
+    monkeypatch.setenv("LOOPS_REUSE_FROM_RUN_ID", "run-x")
+    b = BasetenBackend(BackendConfig(options={"retry_budget_s": 2, "retry_backoff_s": 0.1, "replicas": 3}))
+    assert (b.control.retry_budget_s, b.control.policy.initial, b.replicas, b.reuse_from_run_id) == \
+        (2.0, 0.1, 3, "run-x")
+    assert BasetenBackend(BackendConfig()).control.retry_budget_s == 5.0
+    assert all(f.description for f in BasetenSettings.model_fields.values())
+    assert KEY not in repr(b.settings)  # SecretStr
 
 
 def test_the_api_key_never_leaks(emu, caplog, tmp_path):
@@ -316,7 +338,7 @@ def test_the_api_key_never_leaks(emu, caplog, tmp_path):
     expect(lambda: client(emu, api_key=wrong), AuthenticationError)
     from loops_backends.local_gpu.backend import free_port
     expect(lambda: ServiceClient(backend="baseten", api_key=KEY, base_url=f"http://127.0.0.1:{free_port()}",
-                                 retries=0), APIConnectionError)
+                                 retry_budget_s=0), APIConnectionError)
     emu.faults.update(burst_count=5, burst_status=500)
     expect(lambda: client(emu), APIStatusError)
     emu.faults.update(burst_count=0, fail_trainers="PREEMPTED")
@@ -520,9 +542,39 @@ def test_contract_environment_sets_and_restores_env(monkeypatch):
     assert os.environ["LOOPS_BASE_URL"] == "http://before" and "BASETEN_API_KEY" not in os.environ
 
 
-def test_retry_policy_backoff_is_capped():
-    p = RetryPolicy(backoff_s=1.0, backoff_cap_s=4.0)
-    assert all(0.5 <= p.delay(0) <= 1.0 for _ in range(20)) and all(p.delay(10) <= 4.0 for _ in range(20))
+def test_control_plane_policy_scales_the_shared_one():
+    from loops_core.retry import CONTROL_PLANE
+
+    assert control_plane_policy() is CONTROL_PLANE
+    fast = control_plane_policy(0.01)
+    assert (fast.initial, fast.max_wait, fast.statuses) == (0.01, 0.16, CONTROL_PLANE.statuses)
+
+
+def test_control_plane_retries_under_the_shared_policy():
+    """429 with Retry-After, 502/503/504 retried; a POST that may have arrived is not resent."""
+    answers = iter([httpx.Response(429, headers={"Retry-After": "0"}), httpx.Response(503), httpx.Response(200, json={})])
+    seen = []
+
+    def handler(r):
+        seen.append(r.method)
+        return next(answers)
+
+    cp = ControlPlane("http://cp", KEY, policy=control_plane_policy(0.001), transport=httpx.MockTransport(handler))
+    assert run_sync(cp.request("GET", "http://cp/x", what="x")).status_code == 200 and len(seen) == 3
+    run_sync(cp.aclose())
+
+    def read_timeout(r):
+        seen.append(r.method)
+        raise httpx.ReadTimeout("slow", request=r)
+
+    for method, tries in (("POST", 1), ("GET", None)):
+        seen.clear()
+        cp = ControlPlane("http://cp", KEY, policy=control_plane_policy(0.001), retry_budget_s=0.2,
+                          transport=httpx.MockTransport(read_timeout))
+        with pytest.raises(APITimeoutError, match="LOOPS_BASE_URL"):
+            run_sync(cp.request(method, "http://cp/x", what="x"))
+        run_sync(cp.aclose())
+        assert len(seen) == 1 if tries == 1 else len(seen) > 1
 
 
 def test_wake_posts_next_to_sync():

@@ -35,10 +35,11 @@ from loops_backends.modal import backend as backend_module  # noqa: E402
 from loops_backends.modal.container import ContainerConfig, ContainerSpec  # noqa: E402
 from loops_backends.modal.fake_containers import LoopbackServer, Script  # noqa: E402
 from loops_backends.modal.fake_control_plane import FakeModal  # noqa: E402
-from loops_backends.modal.settings import ModalSettings  # noqa: E402
+from loops_backends.modal.settings import ModalSettings, modal_settings  # noqa: E402
 from loops_backends.modal.volume import VolumeCheckpointStore, VolumeReloadError  # noqa: E402
-from loops_core import (AdamParams, APIConnectionError, BackendUnavailableError, InvalidRequestError,  # noqa: E402
-                        ModelInput, NotFoundError, SamplingParams, ServerRestartedError, ServiceClient)
+from loops_core import (AdamParams, APIConnectionError, BackendUnavailableError, ConfigurationError,  # noqa: E402
+                        InvalidRequestError, ModelInput, NotFoundError, SamplingParams, ServerRestartedError,
+                        ServiceClient)
 from loops_core.testing.contract.data import france, sft_datum  # noqa: E402
 
 LOOPS_CONTRACT_BACKENDS = ["modal"]  # the contract plugin runs this module's imported tests on modal alone
@@ -142,19 +143,58 @@ def test_import_loops_core_does_not_import_modal():
 
 
 def test_settings_are_read_at_call_time(monkeypatch):
+    for var in ("LOOPS_MODAL_GPU", "LOOPS_MODAL_SAMPLER_GPU", "LOOPS_MODAL_ENGINE", "LOOPS_SAMPLER_ENGINE",
+                "LOOPS_MODAL_SCALEDOWN", "LOOPS_MODAL_DETACH", "LOOPS_MODAL_OUTPUT", "LOOPS_MODAL_VOLUME",
+                "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("LOOPS_MODAL_GPU", "A100-80GB")
-    assert ModalSettings.resolve({}).gpu == "A100-80GB"
+    assert modal_settings().gpu == "A100-80GB"
     monkeypatch.setenv("LOOPS_MODAL_GPU", "L40S")
-    s = ModalSettings.resolve({})
+    s = modal_settings()
     assert s.gpu == s.sampler_gpu == "L40S"
-    assert ModalSettings.resolve({"gpu": "H200", "sampler_gpu": "L4"}).sampler_gpu == "L4"
+    assert modal_settings(gpu="H200", sampler_gpu="L4").sampler_gpu == "L4"
     monkeypatch.delenv("LOOPS_MODAL_GPU")
-    assert ModalSettings.resolve({}).gpu == "H100"
-    assert ModalSettings.resolve({"engine": "fake"}).gpu is None  # the numpy engine needs no GPU
-    with pytest.raises(InvalidRequestError, match="gpus"):
-        ModalSettings.resolve({"gpus": "H100"})
-    with pytest.raises(InvalidRequestError):
-        ModalSettings.resolve({"scaledown": 0})
+    assert modal_settings().gpu == "H100"
+    assert modal_settings(engine="fake").gpu is None  # the numpy engine needs no GPU
+    with pytest.raises(ConfigurationError, match="gpus"):
+        modal_settings(gpus="H100")
+    with pytest.raises(ConfigurationError, match="scaledown"):
+        modal_settings(scaledown=0)
+
+
+def test_settings_model_keyword_env_default(monkeypatch):
+    """One pydantic-settings model: keyword > environment > default, every field described."""
+    for var in ("LOOPS_MODAL_GPU", "LOOPS_MODAL_SAMPLER_GPU", "LOOPS_MODAL_ENGINE", "LOOPS_SAMPLER_ENGINE",
+                "LOOPS_MODAL_SCALEDOWN", "LOOPS_MODAL_DETACH", "LOOPS_MODAL_OUTPUT", "LOOPS_MODAL_VOLUME",
+                "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    d = modal_settings()
+    assert (d.gpu, d.sampler_gpu, d.engine, d.sampler_engine, d.scaledown, d.detach, d.output, d.volume,
+            d.hf_token) == ("H100", "H100", "local", "auto", 900, False, False, "loops-checkpoints", None)
+    assert all(f.description for f in ModalSettings.model_fields.values())
+    env = {"LOOPS_MODAL_SAMPLER_GPU": "L4", "LOOPS_MODAL_ENGINE": "LOCAL", "LOOPS_SAMPLER_ENGINE": "hf",
+           "LOOPS_MODAL_SCALEDOWN": "60", "LOOPS_MODAL_DETACH": "yes", "LOOPS_MODAL_OUTPUT": "1",
+           "LOOPS_MODAL_VOLUME": "my-vol", "HUGGING_FACE_HUB_TOKEN": "hf_secret", "LOOPS_MODAL_VLLM_SPEC": "vllm"}
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    s = modal_settings()
+    assert (s.gpu, s.sampler_gpu, s.engine, s.sampler_engine, s.scaledown, s.detach, s.output, s.volume) == (
+        "H100", "L4", "local", "hf", 60, True, True, "my-vol")
+    assert s.hf_token_value() == "hf_secret" and "hf_secret" not in repr(s)
+    k = modal_settings(sampler_engine="vllm", scaledown=120, detach=False, volume="v2", hf_token="t",
+                       gpu=None)  # None: not given
+    assert (k.sampler_engine, k.scaledown, k.detach, k.volume, k.hf_token_value(), k.gpu) == (
+        "vllm", 120, False, "v2", "t", "H100")
+    monkeypatch.setenv("LOOPS_MODAL_SCALEDOWN", "")  # empty counts as unset
+    assert modal_settings().scaledown == 900
+    for bad in ({"LOOPS_SAMPLER_ENGINE": "tgi"}, {"LOOPS_MODAL_DETACH": "maybe"}, {"LOOPS_MODAL_SCALEDOWN": "soon"}):
+        with monkeypatch.context() as m:
+            for var, value in bad.items():
+                m.setenv(var, value)
+            with pytest.raises(ConfigurationError, match="ModalSettings"):
+                modal_settings()
+    with pytest.raises(ConfigurationError, match="engine"):
+        modal_settings(engine="jax")
 
 
 def test_container_config_travels_as_env():
@@ -354,8 +394,8 @@ def test_restarted_sampler_serves_the_published_versions(fake, modal_service):
     after = _sample(pinned)
     assert sampler.script.starts == 2 and sampler.container.server is not old
     assert after.policy_version == 1 and after.sequences[0].tokens == before.sequences[0].tokens
-    restored = sampler.container.server.table
-    assert sorted(v for _, v in restored.versions) == [1, 2] and restored.live_version(tc.run_id) == 2
+    table = sampler.container.server.table
+    assert sorted(a.policy_version for a in table.adapters.values()) == [1, 2] and table.live_version(tc.run_id) == 2
     # it restored every version, so it kept its incarnation: the client had nothing to notice
     assert after.policy_version == 1 and sampler.container.server.app.stamp.value == old.app.stamp.value
     service.close()
@@ -395,7 +435,7 @@ def test_publish_follows_the_303_past_the_deadline(fake, modal_service):
     sampler = fake.endpoint("sampler")
     assert sampler.script.redirects >= 1  # Modal's proxy answered 303 ...
     assert sampler.script.followed >= 1   # ... and the trainer waited for the load's result behind it
-    assert sampler.container.server.table.live_version(tc.run_id) == 1 and _sample(sc).policy_version == 1
+    assert sampler.container.server.live_version == 1 and _sample(sc).policy_version == 1
     service.close()
 
 

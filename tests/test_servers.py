@@ -175,8 +175,8 @@ def test_api_key_required_off_loopback_and_enforced():
 def served():
     """``loops serve --engine fake`` on real loopback sockets."""
     proc = subprocess.Popen([sys.executable, "-m", "loops_core.cli", "serve", "--model", "fake-model", "--engine",
-                             "fake", "--trainer-port", "0", "--sampler-port", "0", "--api-key", "k"],
-                            stdout=subprocess.PIPE, text=True)
+                             "fake", "--trainer-port", "0", "--sampler-port", "0"],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "LOOPS_API_KEY": "k"})
     urls = json.loads(proc.stdout.readline())["urls"]
     yield urls
     proc.terminate()
@@ -284,7 +284,9 @@ def test_runs_are_created_named_refused_and_closed_over_http():
             assert full.status_code == 503 and "maximum of 3 runs" in full.json()["detail"]
             other = await c.post("/runs", json={"lora_rank": 2, "base_model": "x/y"})
             assert other.status_code == 400 and "'x/y'" in other.json()["detail"] and "'m'" in other.json()["detail"]
-            wrong = await c.post("/forward", json={"data": [], "model": "x/y", "run_id": a})
+            datum = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                     "loss_fn_inputs": {"target_tokens": {"data": [2, 3], "dtype": "int64", "shape": [2]}}}
+            wrong = await c.post("/forward", json={"data": [datum], "model": "x/y", "run_id": a})
             assert wrong.status_code == 400 and wrong.json()["error"]["field"] == "model"
             unknown = await c.post("/optim_step", json={"adam_params": {}, "run_id": "nope"})
             assert unknown.status_code == 404 and "'nope'" in unknown.json()["detail"]
@@ -298,7 +300,7 @@ def test_runs_are_created_named_refused_and_closed_over_http():
             steps = {r["run_id"]: r["step"] for r in (await c.get("/runs")).json()["runs"]}
             assert steps == {"the-default": 0, a: 0, b: 1}
             assert (await c.post("/close_run", json={"run_id": a})).json() == {"run_id": a, "closed": True}
-            assert (await c.post("/forward", json={"data": [], "run_id": a})).status_code == 404
+            assert (await c.post("/forward", json={"data": [datum], "run_id": a})).status_code == 404
             assert (await c.post("/close_run", json={})).status_code == 400  # the default run stays
             assert (await c.post("/runs", json={"lora_rank": 2})).status_code == 200  # a's place is free again
         assert sorted(trainer.engine.runs) == sorted(["default", b, *[r for r in trainer.runs if r not in

@@ -5,15 +5,26 @@ and sampler are; the clients are the same as on every backend. The trainer endpo
 sampler carry ``X-Run-Id: <run_id>``; a standalone sampler carries ``X-Sampler-Id`` instead (the
 gateway rejects a request naming both). Each trainer gets a heartbeat while the session is open.
 
-Settings (read when the ServiceClient is built, never at import):
+Settings: ``BasetenSettings`` below, read when the ServiceClient is built (never at import):
+a keyword (``ServiceClient(backend="baseten", replicas=2, ...)``; ``api_key=`` and ``base_url=``
+are the ServiceClient's own) > the environment > the default, validated (a bad value is a
+``ConfigurationError`` naming it):
 
-* ``api_key=`` > ``BASETEN_API_KEY`` (required), ``base_url=`` > ``LOOPS_BASE_URL``;
-* ``reuse_from_session_id=`` > ``LOOPS_REUSE_FROM_SESSION_ID`` (merged by the ServiceClient), and
-  the option ``reuse_from_run_id`` > ``LOOPS_REUSE_FROM_RUN_ID``: reuse a warm trainer, best effort;
-* options (``ServiceClient(backend="baseten", replicas=2, ...)``): ``availability_model``
-  (> ``LOOPS_AVAILABILITY_MODEL``, ``dedicated`` or ``spot``), ``replicas``, ``sampler_replicas``,
-  ``heartbeat_s`` (> ``LOOPS_HEARTBEAT_S``, default 60), ``ready_poll_s``, ``retries``,
-  ``retry_backoff_s``, ``download_concurrency``.
+* ``api_key`` > ``BASETEN_API_KEY`` (required);
+* ``base_url`` > ``LOOPS_BASE_URL`` (default ``https://api.baseten.co``);
+* ``availability_model`` > ``LOOPS_AVAILABILITY_MODEL``: ``dedicated`` (default) or ``spot``;
+* ``replicas`` > ``LOOPS_REPLICAS``: trainer replicas (default 1);
+* ``sampler_replicas`` > ``LOOPS_SAMPLER_REPLICAS``: sampler replicas (default: the control plane's);
+* ``heartbeat_s`` > ``LOOPS_HEARTBEAT_S``: seconds between trainer heartbeats (default 60);
+* ``ready_poll_s`` > ``LOOPS_READY_POLL_S``: a fixed readiness poll interval (default: the
+  ``READINESS`` policy's backoff for trainers, 2 s for samplers);
+* ``retry_budget_s`` > ``LOOPS_RETRY_BUDGET_S``: seconds a control-plane call retries transient
+  failures (default 60; 0: no retries);
+* ``retry_backoff_s`` > ``LOOPS_RETRY_BACKOFF_S``: its first backoff wait (default 0.5, capped at 16x);
+* ``download_concurrency`` > ``LOOPS_DOWNLOAD_CONCURRENCY``: parallel checkpoint file downloads (default 8);
+* ``reuse_from_run_id`` > ``LOOPS_REUSE_FROM_RUN_ID``: reuse that run's warm trainer, best effort;
+  ``reuse_from_session_id=`` > ``LOOPS_REUSE_FROM_SESSION_ID`` (merged by the ServiceClient) does
+  the same for a session (the run form wins).
 """
 
 from __future__ import annotations
@@ -22,25 +33,54 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loops_core.backend import CAPABILITIES, Backend, BackendConfig, SamplerHandle, TrainerHandle
 from loops_core.checkpoints import parse_uri
 from loops_core.errors import (APIStatusError, AuthenticationError, InvalidRequestError, NotFoundError)
 from loops_core.futures import on_loop, run_sync
+from loops_core.settings import load_settings
 from loops_core.types import Checkpoint, CheckpointDownload, CheckpointFile, CheckpointFilesResponse, ServerCapabilities
 from loops_core.wire import Endpoint, WireClient
 
-from .control_plane import (DEFAULT_BASE_URL, ENV_API_KEY, ENV_BASE_URL, ControlPlane, DeploymentFailedError,
-                            RetryPolicy)
+from .control_plane import (DEFAULT_BASE_URL, DEFAULT_RETRY_BUDGET_S, ENV_API_KEY, ENV_BASE_URL, ControlPlane,
+                            DeploymentFailedError, control_plane_policy)
 from loops_core.download import download_files
 from .models import RunRecord, SamplerRecord
 from .readiness import HEARTBEAT_S, Heartbeat, wait_for_sampler, wait_for_trainer
 
 log = logging.getLogger("loops.baseten")
 
-OPTIONS = {"availability_model", "replicas", "sampler_replicas", "heartbeat_s", "ready_poll_s", "retries",
-           "retry_backoff_s", "download_concurrency", "reuse_from_run_id"}
+
+
+class BasetenSettings(BaseSettings):
+    """Options of the baseten backend: keyword > environment (``LOOPS_*``; the key ``BASETEN_API_KEY``) > default."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOPS_", extra="forbid", populate_by_name=True,
+                                      env_ignore_empty=True)
+
+    api_key: SecretStr | None = Field(None, validation_alias=ENV_API_KEY, description=(
+        "Baseten API key, sent as Authorization: Api-Key (required)"))
+    base_url: str = Field(DEFAULT_BASE_URL, min_length=1, description="the Baseten control plane's URL")
+    availability_model: Literal["dedicated", "spot"] = Field("dedicated", description=(
+        "dedicated capacity, or cheaper spot capacity that may be preempted"))
+    replicas: int = Field(1, ge=1, description="trainer replicas")
+    sampler_replicas: int | None = Field(None, ge=1, description=(
+        "sampler replicas (num_replicas); None: the control plane's default"))
+    heartbeat_s: float = Field(HEARTBEAT_S, gt=0, description=(
+        "seconds between heartbeats that keep an idle trainer from scaling down"))
+    ready_poll_s: float | None = Field(None, gt=0, description=(
+        "a fixed readiness poll interval; None: the READINESS policy's backoff (trainers), 2 s (samplers)"))
+    retry_budget_s: float = Field(DEFAULT_RETRY_BUDGET_S, ge=0, description=(
+        "seconds a control-plane call retries 429/502/503/504 and connection errors; 0: no retries"))
+    retry_backoff_s: float = Field(0.5, gt=0, description=(
+        "first backoff wait of a control-plane retry; doubles with jitter, capped at 16x"))
+    download_concurrency: int = Field(8, ge=1, description="checkpoint files downloaded in parallel")
+    reuse_from_run_id: str | None = Field(None, description=(
+        "reuse this run's warm trainer for the session's first trainer (best effort)"))
 
 
 class BasetenBackend(Backend):
@@ -53,29 +93,23 @@ class BasetenBackend(Backend):
 
     def __init__(self, config: BackendConfig):
         super().__init__(config)
-        unknown = set(config.options) - OPTIONS
-        if unknown:
-            raise InvalidRequestError(f"unknown option(s) for the baseten backend: {', '.join(sorted(unknown))}; "
-                                      f"known: {', '.join(sorted(OPTIONS))}", field=sorted(unknown)[0])
-        api_key = config.api_key or os.environ.get(ENV_API_KEY) or None
-        if not api_key:
+        self.settings: BasetenSettings = load_settings(  # type: ignore[assignment]
+            BasetenSettings, **{**config.options, "api_key": config.api_key or None,
+                                "base_url": config.base_url or None})
+        st = self.settings
+        if st.api_key is None or not st.api_key.get_secret_value():
             raise AuthenticationError(f"the baseten backend needs an API key: set {ENV_API_KEY} (or pass api_key=)")
-        self._api_key = api_key
-        self.base_url = (config.base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).rstrip("/")
-        opts = config.options
-        self.availability_model = opts.get("availability_model") or os.environ.get("LOOPS_AVAILABILITY_MODEL") \
-            or "dedicated"
-        if self.availability_model not in ("dedicated", "spot"):
-            raise InvalidRequestError(f"availability_model must be 'dedicated' or 'spot', got "
-                                      f"{self.availability_model!r}", field="availability_model")
-        self.replicas = _positive_int(opts.get("replicas", 1), "replicas")
-        self.sampler_replicas = opts.get("sampler_replicas")
-        self.heartbeat_s = float(opts.get("heartbeat_s") or os.environ.get("LOOPS_HEARTBEAT_S") or HEARTBEAT_S)
-        self.ready_poll_s = opts.get("ready_poll_s")
-        self.download_concurrency = _positive_int(opts.get("download_concurrency", 8), "download_concurrency")
-        self.reuse_from_run_id = opts.get("reuse_from_run_id") or os.environ.get("LOOPS_REUSE_FROM_RUN_ID") or None
-        retry = RetryPolicy(retries=int(opts.get("retries", 6)), backoff_s=float(opts.get("retry_backoff_s", 0.5)))
-        self.control = ControlPlane(self.base_url, api_key, retry=retry)
+        self._api_key = api_key = st.api_key.get_secret_value()
+        self.base_url = st.base_url.rstrip("/")
+        self.availability_model = st.availability_model
+        self.replicas = st.replicas
+        self.sampler_replicas = st.sampler_replicas
+        self.heartbeat_s = st.heartbeat_s
+        self.ready_poll_s = st.ready_poll_s
+        self.download_concurrency = st.download_concurrency
+        self.reuse_from_run_id = st.reuse_from_run_id
+        self.control = ControlPlane(self.base_url, api_key, policy=control_plane_policy(st.retry_backoff_s),
+                                    retry_budget_s=st.retry_budget_s)
         self.session_id: str | None = None
         self.heartbeats: list[Heartbeat] = []
         self._reuse_pending = True  # only the first trainer of a session reuses a warm one
@@ -160,7 +194,7 @@ class BasetenBackend(Backend):
             return await self.control.create_trainer(body)
         try:
             return await self.control.create_trainer({**body, **reuse})
-        except APIStatusError as exc:  # NotFoundError included
+        except (APIStatusError, InvalidRequestError) as exc:  # NotFoundError included; a 409 is an InvalidRequestError
             if exc.status_code not in (404, 409, 410):
                 raise
             log.info("cannot reuse %s (%s); provisioning a fresh trainer", reuse, exc)
@@ -266,12 +300,6 @@ class BasetenBackend(Backend):
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}", field=name)
-    return value
 
 
 def download_checkpoint(checkpoint_id: str, dest_dir: str | Path, *, api_key: str | None = None,

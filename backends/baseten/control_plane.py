@@ -3,13 +3,13 @@
 Every request carries ``Authorization: Api-Key <key>``, ``User-Agent: loops/<version>`` and
 ``X-Baseten-Accept-Error: 1`` (Baseten's proxies then say which layer rejected a request).
 
-Retries differ from the data plane's (``loops_core.wire``): on the control plane a 503 means
-"overloaded, try again", not "this replica is shutting down", so
+Retries follow ``loops_core.retry.CONTROL_PLANE`` (on the control plane a 503 means "overloaded,
+try again", not "this replica is shutting down" as on the data plane):
 
-* 429, 502, 503 and 504 are retried with capped exponential backoff, up to ``retries`` times;
-* 500 is retried at most ``retries_500`` times (a blip, or a bug that retrying will not fix);
-* connection failures are retried the same way (a POST only when the request never left);
-* nothing else is retried: 4xx answers are final.
+* 429 (honouring ``Retry-After``), 502, 503 and 504, and connection failures (a POST only when the
+  request never left), are retried with capped, jittered exponential backoff for ``retry_budget_s``
+  seconds from the first attempt (0: no retries); ``retry_backoff_s`` is the first wait;
+* nothing else is retried: 4xx and 500 answers are final.
 
 Errors are the public loops types: 401/403 is ``AuthenticationError`` naming ``BASETEN_API_KEY``,
 an unreachable base URL is ``APIConnectionError`` naming ``LOOPS_BASE_URL``, 400/422 is
@@ -19,11 +19,9 @@ The API key never appears in a message: server texts are scrubbed of it too.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import dataclasses
 import logging
-import random
-from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -34,6 +32,7 @@ from loops_core import __version__
 from loops_core.errors import (APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError,
                                DeploymentFailedError, InvalidRequestError, LoopsError)
 from loops_core.types import Checkpoint, CheckpointFile, CheckpointFilesResponse, ServerCapabilities
+from loops_core.retry import CONTROL_PLANE, RetryPolicy, retry_after_seconds
 from loops_core.wire import error_text, raise_for_status, ssl_context, translate_errors
 
 from .models import (CheckpointList, RunEnvelope, RunRecord, SamplerDeployment, SamplerEnvelope, SamplerRecord,
@@ -41,39 +40,37 @@ from .models import (CheckpointList, RunEnvelope, RunRecord, SamplerDeployment, 
 
 log = logging.getLogger("loops.baseten")
 
-__all__ = ["ControlPlane", "DeploymentFailedError", "RetryPolicy"]
+__all__ = ["ControlPlane", "DeploymentFailedError", "control_plane_policy"]
 
 ENV_API_KEY = "BASETEN_API_KEY"
 ENV_BASE_URL = "LOOPS_BASE_URL"
 DEFAULT_BASE_URL = "https://api.baseten.co"
-TRANSIENT = frozenset({429, 502, 503, 504})
+DEFAULT_RETRY_BUDGET_S = 60.0
 CREATE_TIMEOUT = 300.0  # session / trainer / sampler creation can wait on capacity
 READ_TIMEOUT = 60.0
 
 M = TypeVar("M", bound=BaseModel)
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    retries: int = 6
-    retries_500: int = 2
-    backoff_s: float = 0.5
-    backoff_cap_s: float = 8.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.backoff_cap_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
+def control_plane_policy(backoff_s: float = CONTROL_PLANE.initial) -> RetryPolicy:
+    """``CONTROL_PLANE`` with its first wait at ``backoff_s``; the cap keeps its ratio to it (16x)."""
+    if backoff_s == CONTROL_PLANE.initial:
+        return CONTROL_PLANE
+    return dataclasses.replace(CONTROL_PLANE, initial=backoff_s,
+                               max_wait=CONTROL_PLANE.max_wait * backoff_s / CONTROL_PLANE.initial)
 
 
 class ControlPlane:
     """One session's connection to ``{base_url}/v1/loops`` (the httpx client is made on first use,
     on the SDK loop)."""
 
-    def __init__(self, base_url: str, api_key: str, *, retry: RetryPolicy | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, base_url: str, api_key: str, *, policy: RetryPolicy = CONTROL_PLANE,
+                 retry_budget_s: float = DEFAULT_RETRY_BUDGET_S, transport: httpx.AsyncBaseTransport | None = None):
         self.base_url = base_url.rstrip("/")
         self.root = f"{self.base_url}/v1/loops"
         self._api_key = api_key
-        self.retry = retry or RetryPolicy()
+        self.policy = policy
+        self.retry_budget_s = retry_budget_s
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
 
@@ -107,31 +104,38 @@ class ControlPlane:
 
     async def request(self, method: str, url: str, *, what: str, json: Any = None,
                       params: dict[str, Any] | None = None, timeout: float | None = None) -> httpx.Response:
-        """One call with the retry policy above; returns a 2xx response or raises a loops error."""
-        attempt = fives = 0
+        """One call under the retry policy above; returns a 2xx response or raises a loops error."""
         with self._scrubbed():
-            while True:
-                try:
-                    with translate_errors(what, _no_query(url)):
-                        r = await self.client().request(method, url, json=json, params=params,
-                                                        timeout=timeout or httpx.USE_CLIENT_DEFAULT)
-                except APIConnectionError as exc:
-                    never_sent = isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
-                    if attempt >= self.retry.retries or not (never_sent or method == "GET"):
-                        raise self._unreachable(exc, what) from exc.__cause__
-                    log.debug("%s: %s; retrying", what, type(exc.__cause__).__name__)
-                else:
-                    status = r.status_code
-                    if status < 400:
-                        return r
-                    again = (status in TRANSIENT and attempt < self.retry.retries) or \
-                            (status == 500 and fives < self.retry.retries_500)
-                    if not again:
-                        raise self._status_error(r, what, attempt + 1)
-                    fives += status == 500
-                    log.debug("%s: HTTP %s; retrying", what, status)
-                await asyncio.sleep(self.retry.delay(attempt))
-                attempt += 1
+            try:
+                async for attempt in self.policy.retrying(self.retry_budget_s):
+                    final: APIConnectionError | None = None
+                    with attempt:
+                        try:
+                            return await self._send(method, url, what=what, json=json, params=params,
+                                                    timeout=timeout, attempts=attempt.retry_state.attempt_number)
+                        except APIConnectionError as exc:
+                            sent = not isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
+                            if sent and method != "GET":
+                                final = exc  # it may have reached the server: resending could act twice
+                            else:
+                                raise
+                    if final is not None:
+                        raise final
+            except APIConnectionError as exc:
+                raise self._unreachable(exc, what) from exc.__cause__
+        raise AssertionError("unreachable")  # pragma: no cover - tenacity re-raises the last error
+
+    async def _send(self, method: str, url: str, *, what: str, json: Any, params: dict[str, Any] | None,
+                    timeout: float | None, attempts: int) -> httpx.Response:
+        """One attempt: a 2xx response, or the loops error for its status (carrying ``status_code``
+        and ``retry_after``, which the policy reads)."""
+        with translate_errors(what, _no_query(url)):
+            r = await self.client().request(method, url, json=json, params=params,
+                                            timeout=timeout or httpx.USE_CLIENT_DEFAULT)
+        if r.status_code >= 400:
+            log.debug("%s: HTTP %s (attempt %d)", what, r.status_code, attempts)
+            raise self._status_error(r, what, attempts)
+        return r
 
     def _unreachable(self, exc: APIConnectionError, what: str) -> APIConnectionError:
         cls = APITimeoutError if isinstance(exc, APITimeoutError) else APIConnectionError
@@ -148,10 +152,13 @@ class ControlPlane:
             return InvalidRequestError(f"{what}: this checkpoint's files cannot be presigned ({text}); "
                                        "volume-backed checkpoints are not supported by loops yet",
                                        field="checkpoint_id", status_code=status)
-        if status in TRANSIENT or status >= 500:
-            return APIStatusError(f"{what}: the Baseten control plane answered HTTP {status} "
-                                  f"({attempts} attempt{'s' * (attempts > 1)}); giving up: {text}",
-                                  status_code=status, body=text)
+        if status in self.policy.statuses or status >= 500:
+            # not raise_for_status: there a 503 is a data-plane replica shutting down, for good
+            error = APIStatusError(f"{what}: the Baseten control plane answered HTTP {status} "
+                                   f"({attempts} attempt{'s' * (attempts > 1)}); giving up: {text}",
+                                   status_code=status, body=text)
+            error.retry_after = retry_after_seconds(r.headers.get("retry-after"))  # type: ignore[attr-defined]
+            return error
         try:
             raise_for_status(r, what)
         except LoopsError as exc:

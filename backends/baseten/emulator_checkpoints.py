@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from loops_core.checkpoints import read_meta
+from loops_core.checkpoints import is_linked, read_meta
 from loops_core.errors import InvalidRequestError, NotFoundError
 from loops_core.server.http import guarded, json_body
 
@@ -92,10 +92,11 @@ class CheckpointRoutes:
             return error(403, "signature does not match")
         if time.time() > expires:
             return error(403, "request has expired")
-        _, directory = self.emu.store.get(cid)
-        path = (directory / name).resolve()
-        if directory.resolve() not in path.parents or not path.is_file():
-            raise NotFoundError(f"no file {name!r} in {cid!r}", status_code=404)
+        _, directory = self.emu.store.get(cid)  # the store refuses ids that leave its root
+        path = directory / name
+        # Links are never followed: neither the file nor a directory between it and the checkpoint.
+        if is_linked(path, directory) or directory.resolve() not in path.resolve().parents or not path.is_file():
+            raise NotFoundError(f"no file {name[:200]!r} in {cid[:200]!r}", status_code=404)
         data = path.read_bytes()
         if self.emu.faults.short_files:
             data = data[:-1]

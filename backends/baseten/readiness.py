@@ -9,17 +9,20 @@
   is not scaled down. 4xx answers are ignored; the 5th consecutive failure logs a warning and the
   20th stops the heartbeat.
 
-Polls start fast and back off to every 10 s (``ready_poll_s`` fixes the interval, for tests).
+The waits use ``loops_core.retry``: the trainer's health probe is retried under ``READINESS``
+(connection errors, 404 and 5xx until ``ready_timeout``; its waits start at 0.5 s and back off to
+10 s), the sampler's status is polled every ``SAMPLER_POLL_S`` with ``poll_until``. ``ready_poll_s``
+fixes both intervals (for tests).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import dataclasses
 import logging
-import time
 
 from loops_core.errors import APIError, APIStatusError, APITimeoutError, AuthenticationError, InvalidRequestError
+from loops_core.retry import READINESS, RetryPolicy, poll_until
 from loops_core.wire import WireClient
 
 from .control_plane import ControlPlane, DeploymentFailedError
@@ -30,10 +33,12 @@ log = logging.getLogger("loops.baseten")
 HEARTBEAT_S = 60.0
 WARN_AFTER = 5
 GIVE_UP_AFTER = 20
+SAMPLER_POLL_S = 2.0  # a sampler status answer is definite each time: polled at a fixed interval
 
 
-def poll_interval(attempt: int, fixed: float | None) -> float:
-    return fixed if fixed is not None else min(10.0, 0.25 * 2 ** attempt)
+def readiness_policy(poll_s: float | None) -> RetryPolicy:
+    """``READINESS``, or the same statuses at a fixed ``poll_s`` interval."""
+    return READINESS if poll_s is None else dataclasses.replace(READINESS, initial=poll_s, max_wait=poll_s)
 
 
 def trainer_terminal_error(status: str, run: RunRecord) -> DeploymentFailedError:
@@ -52,9 +57,11 @@ def trainer_terminal_error(status: str, run: RunRecord) -> DeploymentFailedError
 async def wait_for_trainer(cp: ControlPlane, run: RunRecord, probe: WireClient, base_model: str, *,
                            ready_timeout: float, poll_s: float | None = None) -> None:
     """Return once the trainer answers ``/health`` (``probe`` is a client on its endpoint)."""
-    deadline = time.monotonic() + ready_timeout
-    status, last = None, "no answer yet"
-    for attempt in itertools.count():
+    policy = readiness_policy(poll_s)
+    status = None
+
+    async def healthy() -> None:
+        nonlocal status
         if run.deployment_id:
             status = await cp.trainer_status(run.deployment_id)
             if status in TRAINER_TERMINAL:
@@ -62,18 +69,20 @@ async def wait_for_trainer(cp: ControlPlane, run: RunRecord, probe: WireClient, 
         try:
             await probe.request("GET", "/health", what="trainer health", params={"base_model": base_model},
                                 retry=False, timeout=10.0)
-            return
         except AuthenticationError:
             raise AuthenticationError(f"the trainer for run {run.id} rejected the API key; check "
                                       "BASETEN_API_KEY") from None
-        except InvalidRequestError:
-            raise  # a gateway rejection of the request itself: waiting will not change it
-        except APIError as exc:
-            last = cp.scrub(str(exc))
-        if time.monotonic() > deadline:
-            raise APITimeoutError(f"the trainer for run {run.id} was not ready within {ready_timeout:.0f} s "
-                                  f"(deployment status {status or 'unknown'}; last health answer: {last})")
-        await asyncio.sleep(poll_interval(attempt, poll_s))
+
+    try:
+        async for attempt in policy.retrying(ready_timeout):
+            with attempt:
+                return await healthy()
+    except APIError as exc:
+        if not policy.transient(exc):
+            raise  # a definite answer (a terminal deployment, a rejected request): waiting will not change it
+        raise APITimeoutError(f"the trainer for run {run.id} was not ready within {ready_timeout:.0f} s "
+                              f"(deployment status {status or 'unknown'}; last health answer: "
+                              f"{cp.scrub(str(exc))})") from None
 
 
 async def wait_for_sampler(cp: ControlPlane, sampler: SamplerRecord, *, ready_timeout: float,
@@ -81,36 +90,40 @@ async def wait_for_sampler(cp: ControlPlane, sampler: SamplerRecord, *, ready_ti
     if not sampler.dedicated:
         return  # serverless: nothing to watch
     assert sampler.model_id and sampler.deployment_id
-    deadline = time.monotonic() + ready_timeout
+    model_id, deployment_id = sampler.model_id, sampler.deployment_id
     woke = False
     status = None
-    for attempt in itertools.count():
+
+    async def ready() -> bool:
+        nonlocal woke, status
         try:
-            status = await cp.sampler_status(sampler.model_id, sampler.deployment_id)
+            status = await cp.sampler_status(model_id, deployment_id)
         except (AuthenticationError, InvalidRequestError) as exc:
             log.warning("cannot read the status of sampler %s (%s); not waiting for it", sampler.id, exc)
-            return
+            return True
         except APIStatusError as exc:
             if 400 <= exc.status_code < 500:
                 log.warning("cannot read the status of sampler %s (%s); not waiting for it", sampler.id, exc)
-                return
+                return True
             raise
         if status == SAMPLER_READY:
-            return
+            return True
         if status in SAMPLER_TERMINAL:
             raise DeploymentFailedError(
-                f"the sampler {sampler.id} (deployment {sampler.deployment_id}) is {status}: it cannot serve. "
+                f"the sampler {sampler.id} (deployment {deployment_id}) is {status}: it cannot serve. "
                 "Create the sampling client again; if it persists, see the deployment in the Baseten dashboard.",
-                deployment_id=sampler.deployment_id, status=status)
+                deployment_id=deployment_id, status=status)
         if status == SCALED_TO_ZERO and not woke:
             assert sampler.base_url
             await cp.wake(sampler.base_url)
             woke = True
             log.info("sampler %s was scaled to zero; woke it", sampler.id)
-        if time.monotonic() > deadline:
-            raise APITimeoutError(f"the sampler {sampler.id} was not ready within {ready_timeout:.0f} s "
-                                  f"(status {status})")
-        await asyncio.sleep(poll_interval(attempt, poll_s))
+        return False
+
+    await poll_until(ready, budget=ready_timeout, interval=SAMPLER_POLL_S if poll_s is None else poll_s,
+                     what=f"sampler {sampler.id} ready",
+                     error=lambda _: APITimeoutError(f"the sampler {sampler.id} was not ready within "
+                                                     f"{ready_timeout:.0f} s (status {status})"))
 
 
 class Heartbeat:

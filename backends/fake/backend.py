@@ -19,7 +19,7 @@ from loops_core.checkpoints import CheckpointStore, read_meta
 from loops_core.direct import with_run
 from loops_core.errors import ServerShutdownError
 from loops_core.server.sampler import SamplerServer
-from loops_core.server.trainer import SamplerLink, TrainerServer
+from loops_core.server.trainer import TrainerServer
 from loops_core.types import ServerCapabilities, SupportedModel
 from loops_core.wire import Endpoint
 
@@ -31,7 +31,7 @@ def fake_pair(base_model: str, *, rank: int = 32, seed: int | None = None, run_i
     """A paired trainer and sampler server around fresh fake engines."""
     store = store or CheckpointStore()
     sampler = SamplerServer(FakeSamplerEngine(base_model), store=store)
-    link = SamplerLink(url="http://fake-sampler", transport=httpx.ASGITransport(app=sampler.app))
+    link = Endpoint(url="http://fake-sampler", transport=httpx.ASGITransport(app=sampler.app))
     trainer = TrainerServer(FakeTrainerEngine(base_model, lora_rank=rank, seed=seed),
                             run_id=run_id or f"fake-{uuid.uuid4().hex[:12]}", store=store, sampler=link,
                             seed=seed, poll_hold=poll_hold)
@@ -44,7 +44,8 @@ def asgi_endpoint(app, name: str) -> Endpoint:  # noqa: ANN001
 
 class FakeBackend(LocalCheckpoints, Backend):
     name = "fake"
-    capabilities = frozenset({"checkpoints", "sampler_pinning", "standalone_sampler", "deterministic", "tokenizer"})
+    capabilities = frozenset({"checkpoints", "checkpoint_delete", "sampler_pinning", "standalone_sampler",
+                              "deterministic", "tokenizer"})
 
     def __init__(self, config):  # noqa: ANN001
         super().__init__(config)

@@ -9,10 +9,13 @@ get a pair of its own. They stop when the ServiceClient closes, when this proces
 exits, and, through their parent watchdog, when this process dies without exiting (a crash or
 SIGKILL): no orphans.
 
-Options (``ServiceClient(backend="local", sampler_engine="hf")`` or env):
-``sampler_engine`` / ``LOOPS_SAMPLER_ENGINE``: ``auto`` (vLLM when it imports and CUDA is present,
-else HF), ``hf`` or ``vllm``; ``engine="fake"`` runs the numpy engine in the same subprocesses
-(tests of the provisioning itself). Server logs go to ``$LOOPS_HOME/logs/``.
+With one GPU the trainer starts first and the sampler after it is up, so that the sampler's
+memory share is planned from what the trainer left (``placement.py``). A client waiting on a
+server whose process has exited is told at once, with the exit code and the log's last lines.
+Only the paired trainer may publish to its sampler: both get one random ``LOOPS_PUBLISH_TOKEN``.
+
+Options: ``LocalSettings`` below (keyword to ``ServiceClient(backend="local", ...)`` > ``LOOPS_*``
+environment > default). Server logs go to ``$LOOPS_HOME/logs/``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import asyncio
 import atexit
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,11 +34,16 @@ import time
 import uuid
 import weakref
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loops_core.backend import Backend, LocalCheckpoints, SamplerHandle, TrainerHandle
 from loops_core.checkpoints import CheckpointStore, loops_home, read_meta
 from loops_core.direct import close_run, create_run
 from loops_core.errors import APIConnectionError, InvalidRequestError, ServerShutdownError
+from loops_core.settings import load_settings
 from loops_core.types import ServerCapabilities, SupportedModel
 from loops_core.wire import Endpoint, WireClient
 
@@ -47,10 +56,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class LocalSettings(BaseSettings):
+    """Options of the local backend."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOPS_", extra="forbid")
+
+    sampler_engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vLLM when it imports and CUDA is present, else HF")
+    engine: Literal["local", "fake"] = Field(
+        "local", description="fake runs the numpy engine in the same server processes (tests of provisioning)")
+    activation_headroom_gb: float | None = Field(
+        None, gt=0, description="GPU memory kept for the trainer's activations when the sampler shares its GPU")
+
+
 class ServerProcess:
     """One ``loops serve-*`` child process and its log file."""
 
-    def __init__(self, role: str, args: list[str], log: Path):
+    def __init__(self, role: str, args: list[str], log: Path, env: dict[str, str] | None = None):
         self.role = role
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +81,7 @@ class ServerProcess:
         # Both servers keep torch's default threads: in a synchronous loop they take turns (set
         # OMP_NUM_THREADS to split the cores when sampling and training overlap, as in async RL).
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log_file, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})},
                                      start_new_session=True)  # our Ctrl-C goes to us; we stop the child
         self.url: str | None = None
         _LIVE.add(self)
@@ -88,6 +111,17 @@ class ServerProcess:
                 self.url = msg["urls"][self.role]
                 return self.url
 
+    def gone(self) -> str | None:
+        """Why this server can no longer answer (its process exited), else None."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        return f"the local {self.role} process exited with code {code}; log: {self.log}\n{self.tail(10)}"
+
+    def endpoint(self) -> Endpoint:
+        assert self.url is not None
+        return Endpoint(url=self.url, liveness=self.gone)
+
     def tail(self, n: int = 25) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -114,23 +148,27 @@ def _stop_all() -> None:
 
 class LocalBackend(LocalCheckpoints, Backend):
     name = "local"
-    capabilities = frozenset({"checkpoints", "sampler_pinning", "standalone_sampler", "tokenizer"})
+    capabilities = frozenset({"checkpoints", "checkpoint_delete", "sampler_pinning", "standalone_sampler",
+                              "tokenizer"})
 
     def __init__(self, config):  # noqa: ANN001
         super().__init__(config)
+        self.settings: LocalSettings = load_settings(LocalSettings, **config.options)  # type: ignore[assignment]
         self.processes: list[ServerProcess] = []
         self.pairs: dict[str, tuple[Endpoint, Endpoint]] = {}  # base model -> (trainer, sampler), shared
         self.run_trainers: dict[str, Endpoint] = {}  # run id -> the trainer holding it
         self._pair_lock: asyncio.Lock | None = None
-        self.sampler_engine = config.options.get("sampler_engine") or os.environ.get("LOOPS_SAMPLER_ENGINE") or "auto"
-        self.engine = config.options.get("engine", "local")
 
     async def start_session(self) -> str:
         return f"local-{uuid.uuid4().hex[:12]}"
 
-    def _spawn(self, role: str, base_model: str, run_id: str, extra: list[str]) -> ServerProcess:
-        args = ["--model", base_model, "--engine", self.engine, "--sampler-engine", self.sampler_engine, *extra]
-        p = ServerProcess(role, args, loops_home() / "logs" / f"{run_id}-{role}.log")
+    def _spawn(self, role: str, base_model: str, run_id: str, extra: list[str],
+               env: dict[str, str] | None = None) -> ServerProcess:
+        s = self.settings
+        args = ["--model", base_model, "--engine", s.engine, "--sampler-engine", s.sampler_engine, *extra]
+        if s.activation_headroom_gb is not None:
+            args += ["--activation-headroom-gb", str(s.activation_headroom_gb)]
+        p = ServerProcess(role, args, loops_home() / "logs" / f"{run_id}-{role}.log", env)
         self.processes.append(p)
         return p
 
@@ -162,17 +200,26 @@ class LocalBackend(LocalCheckpoints, Backend):
                           ready_timeout: float) -> tuple[Endpoint, Endpoint]:
         pair_id = f"{run_id}-pair"  # the trainer's default run, for requests that name none
         sampler_port = free_port()
-        sampler = self._spawn("sampler", base_model, run_id, ["--port", str(sampler_port)])
-        trainer = self._spawn("trainer", base_model, run_id, [
-            "--port", "0", "--run-id", pair_id, "--rank", str(rank), "--sampler-url",
-            f"http://127.0.0.1:{sampler_port}", *(["--seed", str(seed)] if seed is not None else [])])
+        env = {"LOOPS_PUBLISH_TOKEN": secrets.token_urlsafe(24)}  # only this trainer may publish there
+        spawn_sampler = lambda: self._spawn("sampler", base_model, run_id, ["--port", str(sampler_port)], env)  # noqa: E731
+        started = []
         try:
-            sampler_url, trainer_url = await asyncio.gather(sampler.ready(ready_timeout), trainer.ready(ready_timeout))
+            trainer = self._spawn("trainer", base_model, run_id, [
+                "--port", "0", "--run-id", pair_id, "--rank", str(rank), "--sampler-url",
+                f"http://127.0.0.1:{sampler_port}", *(["--seed", str(seed)] if seed is not None else [])], env)
+            started.append(trainer)
+            if self.settings.engine == "local" and _one_gpu():  # the sampler plans from what the trainer left
+                await trainer.ready(ready_timeout)
+                started.append(spawn_sampler())
+                await started[-1].ready(ready_timeout)
+            else:
+                started.append(spawn_sampler())
+                await asyncio.gather(*(p.ready(ready_timeout) for p in started))
         except BaseException:
-            sampler.stop()
-            trainer.stop()
+            for p in started:
+                p.stop()
             raise
-        return Endpoint(url=trainer_url), Endpoint(url=sampler_url)
+        return trainer.endpoint(), started[1].endpoint()
 
     async def release_trainer(self, run_id: str) -> None:
         trainer = self.run_trainers.pop(run_id, None)
@@ -196,8 +243,8 @@ class LocalBackend(LocalCheckpoints, Backend):
         assert base_model is not None
         sampler_id = f"sampler-{uuid.uuid4().hex[:12]}"
         proc = self._spawn("sampler", base_model, sampler_id, ["--port", "0"])
-        url = await proc.ready(ready_timeout)
-        return SamplerHandle(sampler=Endpoint(url=url), base_model=base_model, sampler_id=sampler_id,
+        await proc.ready(ready_timeout)
+        return SamplerHandle(sampler=proc.endpoint(), base_model=base_model, sampler_id=sampler_id,
                              checkpoint_path=model_path)
 
     async def get_server_capabilities(self) -> ServerCapabilities:
@@ -212,3 +259,9 @@ class LocalBackend(LocalCheckpoints, Backend):
         self.run_trainers.clear()
         procs, self.processes = self.processes, []
         await asyncio.gather(*(asyncio.to_thread(p.stop) for p in procs))
+
+
+def _one_gpu() -> bool:
+    from .placement import trainer_first
+
+    return trainer_first()

@@ -127,7 +127,8 @@ def build_server(config: ContainerConfig, *, volume: Volume | None = None,
                  local: Path | str | None = None):  # noqa: ANN201
     """The TrainerServer or SamplerServer for ``config`` (its ``.app`` is the ASGI app to expose)."""
     from loops_core.server.sampler import SamplerServer
-    from loops_core.server.trainer import SamplerLink, TrainerServer
+    from loops_core.server.trainer import TrainerServer
+    from loops_core.wire import Endpoint
 
     store = VolumeCheckpointStore(config.mount, volume=volume, local=local)
     store.reload()  # a new container sees what was committed before it started
@@ -141,8 +142,8 @@ def build_server(config: ContainerConfig, *, volume: Volume | None = None,
         raise RuntimeError(f"unknown container role {config.role!r}")
     link = None
     if config.sampler_url:
-        link = SamplerLink(url=config.sampler_url, transport=FollowRedirects(),
-                           headers={"Authorization": f"Api-Key {config.api_key}"} if config.api_key else None)
+        link = Endpoint(url=config.sampler_url, transport=FollowRedirects(),
+                        headers={"Authorization": f"Api-Key {config.api_key}"} if config.api_key else {})
     # A new TrainerServer per container draws a new incarnation id: clients see a restarted trainer.
     server = TrainerServer(make_trainer_engine(config), run_id=config.run_id, store=store, sampler=link,
                            seed=config.seed, api_key=config.api_key, poll_hold=config.poll_hold)

@@ -35,6 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Protocol
 
 import httpx
+import tenacity
 
 from loops_core.checkpoints import CheckpointStore
 from loops_core.types import Checkpoint
@@ -53,6 +54,19 @@ class Volume(Protocol):
 
 class VolumeReloadError(RuntimeError):
     pass
+
+
+def volume_reload_retrying(sleep: Callable[[float], None] = time.sleep) -> tenacity.Retrying:
+    """The retry policy of ``volume.reload()`` (blocking: a worker thread or start-up). Modal
+    refuses a reload while files are open in the container, for as long as a save in flight keeps
+    them open; the modal client's errors carry no status, so every error is retried:
+    ``RELOAD_ATTEMPTS`` attempts, 0.1 s doubling between them, then ``tenacity.RetryError``."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(Exception),
+        stop=tenacity.stop_after_attempt(RELOAD_ATTEMPTS),
+        wait=tenacity.wait_exponential(multiplier=0.1, max=10.0),
+        before_sleep=lambda state: log.info("volume reload refused (%s); retrying", state.outcome.exception()),
+        sleep=sleep)
 
 
 class VolumeCheckpointStore(CheckpointStore):
@@ -103,16 +117,14 @@ class VolumeCheckpointStore(CheckpointStore):
         worker thread (``VolumeSyncMiddleware``) or at start-up."""
         if self.volume is None:
             return
-        for attempt in range(RELOAD_ATTEMPTS):
-            try:
-                self.volume.reload()
-                return
-            except Exception as exc:
-                last = exc
-                log.info("volume reload refused (%s); retrying", exc)
-                self._sleep(0.1 * 2 ** attempt)
-        raise VolumeReloadError(f"the checkpoint Volume could not be reloaded after {RELOAD_ATTEMPTS} attempts "
-                                f"({last}); files written by other containers are not visible yet")
+        try:
+            for attempt in volume_reload_retrying(self._sleep):
+                with attempt:
+                    self.volume.reload()
+        except tenacity.RetryError as exc:
+            raise VolumeReloadError(
+                f"the checkpoint Volume could not be reloaded after {RELOAD_ATTEMPTS} attempts "
+                f"({exc.last_attempt.exception()}); files written by other containers are not visible yet") from None
 
     def _reload_for_read(self) -> None:
         if _synced.get():
@@ -221,8 +233,8 @@ class VolumeSyncMiddleware:
         if status[0] == 200 and self.journal is not None:
             try:
                 request, result = json.loads(body), json.loads(b"".join(answer))
-                await asyncio.to_thread(self.journal.record, request.get("lora_name"), request.get("lora_path"),
-                                        result.get("policy_version"), self._incarnation())
+                await asyncio.to_thread(self.journal.record, request, result.get("policy_version"),
+                                        self._incarnation())
             except Exception as exc:  # serving goes on; only a restart would miss this version
                 log.warning("could not record published version on the Volume: %s", exc)
 
@@ -274,21 +286,27 @@ class PublishedJournal:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None, []
-        versions = sorted(data.get("versions", []), key=lambda e: e["policy_version"])[-self.keep:]
-        return data.get("incarnation"), versions
+        return data.get("incarnation"), sorted(data.get("versions", []), key=lambda e: e["policy_version"])
 
     def save(self, incarnation: str | None, versions: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"incarnation": incarnation, "versions": versions}))
         self.store.commit()
 
-    def record(self, name: str | None, path: str | None, version: int | None, incarnation: str | None) -> None:
+    def record(self, request: dict, version: int | None, incarnation: str | None) -> None:
+        """Record a published version: the load request as sent (its run included), at ``version``."""
+        name, path, run = request.get("lora_name"), request.get("lora_path"), request.get("run_id")
         if not (name and path and isinstance(version, int)):
             return
         try:
             versions = json.loads(self.path.read_text()).get("versions", [])
         except (OSError, ValueError, AttributeError):
             versions = []
-        versions = [e for e in versions if e.get("policy_version") != version]
-        versions.append({"lora_name": name, "lora_path": path, "policy_version": version})
-        self.save(incarnation, sorted(versions, key=lambda e: e["policy_version"])[-self.keep:])
+        versions = [e for e in versions if (e.get("run_id"), e.get("policy_version")) != (run, version)]
+        versions.append({"lora_name": name, "lora_path": path, "policy_version": version, "run_id": run,
+                         "default_run": bool(request.get("default_run"))})
+        newest: dict = {}
+        for e in sorted(versions, key=lambda e: e["policy_version"]):  # keep each run's newest few
+            newest.setdefault(e.get("run_id"), []).append(e)
+        self.save(incarnation, sorted((e for es in newest.values() for e in es[-self.keep:]),
+                                      key=lambda e: e["policy_version"]))

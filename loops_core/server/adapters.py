@@ -17,6 +17,7 @@ from typing import Any
 
 from ..checkpoints import CheckpointStore
 from ..engine import SamplerEngine
+from ..errors import InvalidRequestError
 
 
 @dataclass
@@ -124,15 +125,26 @@ class AdapterTable:
                     and now - a.last_used > self.idle_unload_s:
                 await self.drop(a)
 
-    async def by_path(self, path: str, run: str | None) -> Adapter:
-        """The adapter of a checkpoint asked for by path (loaded on first use)."""
-        hits = [a for a in self.adapters.values() if a.path == path]
+    async def by_path(self, path: str, run: str | None, *, max_adhoc: int = 8) -> Adapter:
+        """The adapter of a checkpoint asked for by path (loaded on first use). Keyed by the resolved
+        directory, so other spellings of one path share one adapter; beyond ``max_adhoc`` such
+        adapters the least recently used is forgotten."""
+        directory = self.store.resolve(path, kind="sampler_weights")  # the kind is checked for URIs only
+        key = str(directory.resolve())
+        hits = [a for a in self.adapters.values() if a.path in (path, key)]
         if hits:
             return max(hits, key=lambda a: a.engine_id)
-        directory = self.store.resolve(path, kind="sampler_weights")  # the kind is checked for URIs only
         async with self.lock:
-            a = Adapter(next(self._ids), path.rstrip("/").rsplit("/", 1)[-1], path, run, None, time.monotonic())
-            await self.make_resident(a, directory)
+            a = Adapter(next(self._ids), path.rstrip("/").rsplit("/", 1)[-1], key, run, None, time.monotonic())
+            try:
+                await self.make_resident(a, directory)
+            except Exception as exc:  # a directory that only looks like an adapter: the client's input
+                raise InvalidRequestError(f"cannot load the adapter at {path[:200]!r}: {type(exc).__name__}: "
+                                          f"{str(exc)[:200]}", field="X-Checkpoint-Path") from None
             self.adapters[a.engine_id] = a
+            adhoc = sorted((x for x in self.adapters.values() if x.policy_version is None and x is not a
+                            and x.in_use == 0), key=lambda x: x.last_used)
+            for old in adhoc[:max(0, len(adhoc) + 1 - max_adhoc)]:
+                await self.drop(old)
             await self.collect()
         return a

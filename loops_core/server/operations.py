@@ -5,13 +5,18 @@
 * **Order.** Operations run one at a time. Those carrying ``seq_id`` run in ``seq_id`` order: if
   seq 7 arrives before seq 6, it waits for 6 (at most ``gap_wait`` seconds, in case 6 was never
   sent). A ``seq_id`` at or below the last one run means a new client started counting again.
-* **Results** are kept ``ttl`` seconds after they finish; then a poll gets 404.
+* **Results** are kept ``ttl`` seconds after they finish, and while all kept results together take
+  less than ``max_bytes`` (their JSON size); past that the oldest finished are dropped first. A
+  poll of a dropped result gets 404, which clients read as "unknown operation: resubmit".
+* **Shutdown.** ``shutdown()`` fails every queued operation with ``ServerShutdownError`` (a poll of
+  one answers 503) and runs nothing more; the running operation finishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import traceback
 import uuid
@@ -19,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 OpFn = Callable[[], Awaitable[Any]]
+SHUTDOWN = "ServerShutdownError"
+log = logging.getLogger("loops.server")
 
 
 @dataclass
@@ -34,18 +41,32 @@ class Operation:
     error: str | None = None
     error_class: str | None = None
     finished_at: float | None = None
+    size: int = 0  # bytes of the kept result, as JSON
+
+    @property
+    def http_status(self) -> int:
+        """200 for a finished operation; 503 for one the shutdown failed (clients raise ServerShutdownError)."""
+        return 503 if self.error_class == SHUTDOWN else 200
 
     def payload(self) -> dict[str, Any]:
         if self.error is not None:
-            return {"status": "error", "operation_id": self.id, "error": self.error,
-                    "error_class": self.error_class, "schema_version": 1}
+            out = {"status": "error", "operation_id": self.id, "error": self.error,
+                   "error_class": self.error_class, "schema_version": 1}
+            if self.error_class == SHUTDOWN:  # also readable as an error body (detail / details.reason)
+                out.update(detail=self.error, details={"reason": "SHUTTING_DOWN"})
+            return out
         return {"status": "done", "operation_id": self.id, "result": self.result, "schema_version": 1}
 
 
 class OperationQueue:
-    def __init__(self, *, ttl: float = 3600.0, gap_wait: float = 5.0):
+    def __init__(self, *, ttl: float = 3600.0, gap_wait: float = 5.0, max_bytes: int | None = None):
+        from .requests import Limits
+
         self.ttl = ttl
         self.gap_wait = gap_wait
+        self.max_bytes = Limits.from_env().max_result_bytes if max_bytes is None else max_bytes
+        self.kept_bytes = 0
+        self.closing = False
         self._ops: dict[str, Operation] = {}
         self._pending: list[Operation] = []
         self._arrivals = itertools.count()
@@ -60,6 +81,8 @@ class OperationQueue:
         self._evict()
         if key and key in self._ops:
             return self._ops[key], False
+        if self.closing:
+            raise RuntimeError("the server is shutting down")  # the guard answers 503 before this
         op = Operation(id=key or uuid.uuid4().hex, name=name, seq_id=seq_id, fn=fn, arrival=next(self._arrivals))
         self._ops[op.id] = op
         self._pending.append(op)
@@ -117,7 +140,7 @@ class OperationQueue:
 
     async def _run(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self.closing:
             if not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
@@ -143,10 +166,33 @@ class OperationQueue:
                 if not getattr(exc, "expected", False):
                     traceback.print_exc()
             finally:
-                op.fn = None
-                op.finished_at = time.monotonic()
+                self._finish(op)
                 self.running = None
-                op.done.set()
+
+    def _finish(self, op: Operation) -> None:
+        op.fn = None
+        op.finished_at = time.monotonic()
+        op.size = json_size(op.result) + len(op.error or "") + 200
+        self.kept_bytes += op.size
+        op.done.set()
+        self._evict()
+
+    def shutdown(self) -> list[str]:
+        """Fail every queued operation with ServerShutdownError and run nothing more.
+
+        Returns the ids of the operations whose clients are still owed an answer (queued and running)."""
+        self.closing = True
+        owed = [op.id for op in self._pending] + ([self.running.id] if self.running else [])
+        pending, self._pending = self._pending, []
+        for op in pending:
+            op.error = "the server is shutting down; this operation never ran: submit it again elsewhere"
+            op.error_class = SHUTDOWN
+            self._finish(op)
+        if pending:
+            log.warning("shutdown: %d queued operation(s) failed with %s", len(pending), SHUTDOWN)
+        if self._wake is not None:
+            self._wake.set()
+        return owed
 
     def close(self) -> None:
         """Stop the runner (callable from any thread). Pending operations are abandoned."""
@@ -157,4 +203,23 @@ class OperationQueue:
     def _evict(self) -> None:
         now = time.monotonic()
         for k in [k for k, o in self._ops.items() if o.finished_at and now - o.finished_at > self.ttl]:
-            del self._ops[k]
+            self.kept_bytes -= self._ops.pop(k).size
+        if self.kept_bytes > self.max_bytes:  # oldest finished first (dicts keep submission order)
+            for k in [k for k, o in self._ops.items() if o.finished_at]:
+                self.kept_bytes -= self._ops.pop(k).size
+                if self.kept_bytes <= self.max_bytes:
+                    break
+
+
+def json_size(obj: Any) -> int:
+    """About how many bytes ``obj`` takes as JSON, without serialising it (results can be megabytes:
+    this runs on the event loop). A list of numbers counts 20 bytes an element."""
+    if isinstance(obj, dict):
+        return sum(len(str(k)) + 4 + json_size(v) for k, v in obj.items()) + 2
+    if isinstance(obj, list):
+        if obj and type(obj[0]) in (int, float):
+            return 20 * len(obj) + 2
+        return sum(json_size(x) + 1 for x in obj) + 2
+    if isinstance(obj, str):
+        return len(obj) + 2
+    return 8

@@ -64,6 +64,10 @@ class Run:
         self.streams.append(stream)
         return stream
 
+    @property
+    def queues(self) -> list[OperationQueue]:
+        return [s.queue for s in self.streams]
+
     def find(self, key: str) -> Operation | None:
         for s in self.streams:
             op = s.queue.get(key)

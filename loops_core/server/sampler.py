@@ -43,7 +43,7 @@ from ..errors import InvalidRequestError
 from .adapters import Adapter, AdapterTable
 from .stats import stats_route
 from .incarnation import IncarnationMiddleware
-from .http import ApiKeyMiddleware, error_response, guarded, json_body
+from .http import find_guard, guard, error_response, guarded, json_body
 
 DEFAULT_MAX_TOKENS = 16  # as vLLM's completions endpoint
 
@@ -70,7 +70,7 @@ class SamplerServer:
             Route("/health", self._health, methods=["GET"]),
             Route("/stats", stats_route, methods=["GET"]),
         ]
-        self.app = IncarnationMiddleware(ApiKeyMiddleware(Starlette(routes=routes), api_key))
+        self.app = IncarnationMiddleware(guard(Starlette(routes=routes), self, api_key=api_key, role="sampler"))
 
     # ---- adapters -------------------------------------------------------------------------
     @guarded
@@ -147,7 +147,7 @@ class SamplerServer:
                                            f"sampler (live: {live}); create a new sampling client")
             return adapter
         if path and (floor is None or live < floor):
-            return await self.table.by_path(path, run)
+            return await self.table.by_path(path, run, max_adhoc=find_guard(self.app).limits.max_adhoc_adapters)
         if floor is not None and live < floor:
             return error_response(408, f"sampler is at policy version {live} of run {run!r}, below the requested "
                                        f"minimum {floor}; retry shortly", headers={"Retry-After": "1"})

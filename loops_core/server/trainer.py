@@ -33,11 +33,9 @@ import asyncio
 import concurrent.futures
 import re
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import unquote
 
-import httpx
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -52,23 +50,15 @@ from ..losses import validate_batch
 from ..types import AdamParams, Datum, ForwardBackwardOutput
 from .stats import stats_route
 from .incarnation import IncarnationMiddleware
-from .http import ApiKeyMiddleware, error_response, guarded, json_body, pydantic_message
+from ..wire import Endpoint, WireClient
+from .http import guard, error_response, guarded, json_body, pydantic_message
 from .operations import OperationQueue
 from .runs import Run
 
 
-@dataclass
-class SamplerLink:
-    """Where the trainer publishes adapters: the paired sampler's base URL (+ transport in-process)."""
-
-    url: str
-    headers: dict[str, str] | None = None
-    transport: httpx.AsyncBaseTransport | None = None
-
-
 class TrainerServer:
     def __init__(self, engine: TrainerEngine, *, run_id: str, store: CheckpointStore | None = None,
-                 sampler: SamplerLink | None = None, seed: int | None = None, api_key: str | None = None,
+                 sampler: Endpoint | None = None, seed: int | None = None, api_key: str | None = None,
                  poll_hold: float = 30.0, result_ttl: float = 3600.0, max_runs: int = 64):
         self.engine = engine
         self.run_id = run_id  # the default run's id
@@ -77,6 +67,7 @@ class TrainerServer:
         self.seed = seed
         self.poll_hold = poll_hold
         self.result_ttl = result_ttl
+        self.gap_wait = 5.0  # how long a stream waits for a seq_id that never came (see runs.py)
         self.max_runs = max_runs
         self.shutting_down = False
         # The engine built its default run; requests that name no run act on it.
@@ -107,7 +98,7 @@ class TrainerServer:
             Route("/checkpoint_files", self._checkpoint_files, methods=["GET"]),
             Route("/stats", stats_route, methods=["GET"]),
         ]
-        self.app = IncarnationMiddleware(ApiKeyMiddleware(Starlette(routes=routes), api_key))
+        self.app = IncarnationMiddleware(guard(Starlette(routes=routes), self, api_key=api_key, role="trainer"))
 
     @property
     def policy_version(self) -> int:
@@ -116,7 +107,8 @@ class TrainerServer:
 
     # ---- runs -------------------------------------------------------------------------------
     def _new_run(self, run_id: str, engine_key: str, rank: int) -> Run:
-        return Run(run_id, engine_key, rank, new_queue=lambda: OperationQueue(ttl=self.result_ttl))
+        return Run(run_id, engine_key, rank,
+                   new_queue=lambda: OperationQueue(ttl=self.result_ttl, gap_wait=self.gap_wait))
 
     def _run_of(self, request: Request, body: dict[str, Any] | None = None) -> Run:
         """The run a request names (body ``run_id`` > ``X-Run-Id`` > ``?run_id=``), else the default run."""
@@ -364,13 +356,15 @@ class TrainerServer:
 
     async def _notify_sampler(self, run: Run, name: str, path: str, version: int) -> None:
         assert self.sampler is not None
-        async with httpx.AsyncClient(base_url=self.sampler.url, headers=self.sampler.headers or {},
-                                     transport=self.sampler.transport, timeout=600.0) as client:
-            r = await client.post("/v1/load_lora_adapter", json={
-                "lora_name": name, "lora_path": path, "policy_version": version, "run_id": run.id,
-                "default_run": run.id == self.run_id})
-        if r.status_code >= 400:
-            raise RuntimeError(f"the paired sampler refused adapter version {version}: {r.status_code} {r.text}")
+        # Through the SDK's own wire client: its retries, its errors, and redirects followed (Modal
+        # answers a request that runs past 150 s with a 303).
+        wire = WireClient(self.sampler, timeout=600.0, ready_timeout=600.0)
+        try:
+            await wire.request("POST", "/v1/load_lora_adapter", what=f"publishing version {version} to the sampler",
+                               json={"lora_name": name, "lora_path": path, "policy_version": version,
+                                     "run_id": run.id, "default_run": run.id == self.run_id})
+        finally:
+            await wire.aclose()
 
     def _load(self, with_optimizer: bool):
         def prepare(run: Run, body: dict[str, Any], headers: Headers):
@@ -406,11 +400,9 @@ class TrainerServer:
         except ValueError:
             hold = self.poll_hold
         if not await queue.wait(op, hold):
-            if self.shutting_down:
-                return error_response(503, "the trainer is shutting down")
             return error_response(408, "operation still running; poll again",
                                   headers={"Retry-After": "0"})
-        return JSONResponse(op.payload())
+        return JSONResponse(op.payload(), status_code=op.http_status)
 
     async def _health(self, request: Request) -> Response:
         if self.shutting_down:
