@@ -435,3 +435,27 @@ def test_top_k_logprobs_and_sampler_extras_over_http():
             assert bad.status_code == 400 and bad.json()["error"]["field"] == "target_prompt_logprobs"
 
     asyncio.run(main())
+
+
+def test_a_load_that_names_no_run_is_filed_under_the_run_its_path_belongs_to():
+    """A replayed publication (Modal's journal records name, path and version only) lands in the run
+    whose directory it is, so the run's pinned clients find it after a sampler restart."""
+    trainer, sampler = fake_pair("m", rank=4)
+
+    async def main():
+        async with _client(trainer.app) as t:
+            rid = (await t.post("/runs", json={"lora_rank": 4})).json()["run_id"]
+            out = await _done(t, await t.post("/save_weights_for_sampler", json={"name": "v", "run_id": rid}))
+        fresh = type(sampler)(sampler.engine, store=sampler.store)
+        directory = sampler.store.dir_for(rid, "sampler_weights", "v")
+        async with _client(fresh.app) as s:
+            r = await s.post("/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": str(directory),
+                                                             "policy_version": 1})
+            assert r.json()["run_id"] == rid
+            pinned = {"X-Checkpoint-Path": out["result"]["path"], "X-Policy-Version": "1"}
+            assert (await s.post("/sample", json={"prompt": [1, 2], "max_tokens": 1}, headers=pinned)).status_code == 200
+            # one run published, none declared default: a request naming no run follows it
+            plain = await s.post("/sample", json={"prompt": [1, 2], "max_tokens": 1})
+            assert plain.headers["x-trainers-policy-version"] == "1"
+
+    asyncio.run(main())

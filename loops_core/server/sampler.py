@@ -85,9 +85,11 @@ class SamplerServer:
         run = body.get("run_id")
         if run is not None and not isinstance(run, str):
             raise InvalidRequestError("run_id must be a string", field="run_id")
+        directory = self.store.resolve(path)
+        run = run or self._run_in(path, directory)  # a caller that names no run (a replayed journal)
         if body.get("default_run"):
             self.default_run = run
-        version = await self.table.publish(name, path, self.store.resolve(path), run, version)
+        version = await self.table.publish(name, path, directory, run, version)
         return JSONResponse({"status": "ok", "lora_name": name, "policy_version": version, "run_id": run})
 
     @guarded
@@ -99,11 +101,29 @@ class SamplerServer:
         return JSONResponse({"status": "ok"})
 
     def _run_of(self, request: Request) -> str | None:
+        """The request's run: named, else in its checkpoint path, else the default run (when the
+        trainer said which, or when only one run has published)."""
         named = request.headers.get("x-run-id") or request.query_params.get("run_id")
         if named:
             return named
         parsed = parse_uri(request.headers.get("x-checkpoint-path") or "")
-        return parsed[0] if parsed else self.default_run
+        if parsed:
+            return parsed[0]
+        if self.default_run is None and len(self.table.live) == 1:
+            return next(iter(self.table.live))
+        return self.default_run
+
+    def _run_in(self, path: str, directory: Any) -> str | None:
+        """The run a checkpoint belongs to, from its URI or its place in the store
+        (``<root>/<run>/sampler_weights/<name>``); None when it is elsewhere."""
+        parsed = parse_uri(path)
+        if parsed:
+            return parsed[0]
+        try:
+            parts = directory.resolve().relative_to(self.store.root.resolve()).parts
+        except (ValueError, OSError):
+            return None
+        return parts[0] if len(parts) == 3 and parts[1] == "sampler_weights" else None
 
     async def _choose(self, request: Request) -> Adapter | None | Response:
         h = request.headers

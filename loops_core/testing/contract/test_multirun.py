@@ -140,8 +140,8 @@ def test_a_different_base_model_is_refused_naming_both(service, contract_model, 
             run_sync(probe.request("POST", "/runs", what="create run", retry=False,
                                    json={"base_model": "someone/else", "lora_rank": 4}))
         assert "someone/else" in str(err.value) and contract_model in str(err.value)
+        datum = _datum(tc, 0).model_dump(mode="json")  # a valid request but for the model it names
         with pytest.raises(InvalidRequestError, match="someone/else"):
-            datum = sft_datum(*france(tc.get_tokenizer())).model_dump(mode="json")
             run_sync(probe.submit("/forward", {"data": [datum], "model": "someone/else", "run_id": tc.run_id},
                                   what="forward"))
     finally:
