@@ -62,3 +62,28 @@ def make_engines(config: EngineConfig) -> tuple[Callable[[], Any], Callable[[], 
         raise ConfigurationError(f"unknown engine {config.engine!r}; registered: {', '.join(sorted(families))}")
     trainer, sampler = (_resolve(t) for t in families[config.engine])
     return (lambda: trainer(config)), (lambda: sampler(config))
+
+
+def in_process_pair(config: EngineConfig, *, run_id: str, store: Any = None, api_key: str | None = None,
+                    publish_token: str | None = None, poll_hold: float = 30.0, max_runs: int = 64,
+                    max_resident: int = 16) -> tuple[Any, Any]:
+    """A trainer and a sampler server in this process, the trainer publishing to the sampler
+    through the ASGI transport (no socket between them). The trainer's engine loads first: on one
+    GPU the sampler plans its memory share from what the trainer left."""
+    import httpx
+
+    from .server.sampler import SamplerServer
+    from .server.trainer import TrainerServer
+    from .wire import Endpoint
+
+    make_trainer, make_sampler = make_engines(config)
+    trainer_engine = make_trainer()
+    sampler = SamplerServer(make_sampler(), store=store, api_key=api_key, max_resident=max_resident)
+    headers = {"Authorization": f"Api-Key {api_key}"} if api_key else {}
+    if publish_token:  # only this trainer may move the sampler's versions
+        sampler.publish_token = publish_token
+        headers["X-Loops-Publish-Token"] = publish_token
+    link = Endpoint(url="http://paired-sampler", transport=httpx.ASGITransport(app=sampler.app), headers=headers)
+    trainer = TrainerServer(trainer_engine, run_id=run_id, store=store, sampler=link, seed=config.seed,
+                            api_key=api_key, poll_hold=poll_hold, max_runs=max_runs)
+    return trainer, sampler

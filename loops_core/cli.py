@@ -23,7 +23,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +99,9 @@ def _server_args(p: argparse.ArgumentParser) -> None:
                         "warning for serve-trainer/serve-sampler)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-runs", type=int, default=64, help="runs a trainer hosts at once (503 past it)")
+    p.add_argument("--max-resident-adapters", type=int, default=16,
+                   help="adapters a sampler keeps loaded; the least recently used idle one goes past it")
     placement = p.add_argument_group("GPU placement (default: planned from the GPUs present and their free memory)")
     placement.add_argument("--trainer-device", default=None, help="e.g. cuda:0")
     placement.add_argument("--sampler-device", default=None, help="e.g. cuda:1 (HF sampler)")
@@ -154,34 +156,31 @@ def _backends(args: argparse.Namespace) -> int:
 
 def _engines(args: argparse.Namespace) -> tuple[Any, Any]:
     """(make_trainer_engine, make_sampler_engine) for the server options."""
-    from .assembly import EngineConfig, make_engines
+    from .assembly import make_engines
 
-    return make_engines(EngineConfig(
+    return make_engines(_engine_config(args))
+
+
+def _engine_config(args: argparse.Namespace) -> Any:
+    from .assembly import EngineConfig
+
+    return EngineConfig(
         model=args.model, engine=args.engine, sampler_engine=args.sampler_engine, rank=args.rank, seed=args.seed,
         trainer_device=args.trainer_device, sampler_device=args.sampler_device,
         gpu_memory_share=args.gpu_memory_share, activation_headroom_gb=args.activation_headroom_gb,
-        max_lora_rank=args.max_lora_rank))
+        max_lora_rank=args.max_lora_rank)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .assembly import in_process_pair
     from .server.run import Listener, require_key_off_loopback, serve
-    from .server.sampler import SamplerServer
-    from .server.trainer import TrainerServer
-    from .wire import Endpoint
 
     require_key_off_loopback(args.host, args.api_key)
-    make_trainer, make_sampler = _engines(args)
-    # The trainer loads first: on one GPU the sampler sizes its memory share from what is left.
-    trainer_engine = make_trainer()
-    sampler = SamplerServer(make_sampler(), api_key=args.api_key)
     # Only the paired trainer may move the sampler's policy version.
-    sampler.publish_token = _publish_token() or secrets.token_urlsafe(24)
-    headers = {"X-Loops-Publish-Token": sampler.publish_token}
-    if args.api_key:
-        headers["Authorization"] = f"Api-Key {args.api_key}"
-    link = Endpoint(url="http://sampler", transport=httpx.ASGITransport(app=sampler.app), headers=headers)
-    trainer = TrainerServer(trainer_engine, run_id=f"run-{uuid.uuid4().hex[:12]}", sampler=link, seed=args.seed,
-                            api_key=args.api_key)
+    trainer, sampler = in_process_pair(
+        _engine_config(args), run_id=f"run-{uuid.uuid4().hex[:12]}", api_key=args.api_key,
+        publish_token=_publish_token() or secrets.token_urlsafe(24), max_runs=args.max_runs,
+        max_resident=args.max_resident_adapters)
 
     def ready(listeners: list[Listener]) -> None:
         t, s = listeners
@@ -208,7 +207,7 @@ def _serve_trainer(args: argparse.Namespace) -> int:
             headers["X-Loops-Publish-Token"] = _publish_token()
         link = Endpoint(url=args.sampler_url, headers=headers)
     trainer = TrainerServer(make_trainer(), run_id=args.run_id or f"run-{uuid.uuid4().hex[:12]}", sampler=link,
-                            seed=args.seed, api_key=args.api_key)
+                            seed=args.seed, api_key=args.api_key, max_runs=args.max_runs)
     serve([Listener("trainer", trainer.app, args.host, args.port)], parent_pid=args.parent_pid,
           log_level=_log_level(args))
     return 0
@@ -220,7 +219,7 @@ def _serve_sampler(args: argparse.Namespace) -> int:
 
     require_key_off_loopback(args.host, args.api_key)
     _, make_sampler = _engines(args)
-    sampler = SamplerServer(make_sampler(), api_key=args.api_key)
+    sampler = SamplerServer(make_sampler(), api_key=args.api_key, max_resident=args.max_resident_adapters)
     sampler.publish_token = _publish_token() or None
     serve([Listener("sampler", sampler.app, args.host, args.port)], parent_pid=args.parent_pid,
           log_level=_log_level(args))

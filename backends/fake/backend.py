@@ -23,19 +23,17 @@ from loops_core.server.trainer import TrainerServer
 from loops_core.types import ServerCapabilities, SupportedModel
 from loops_core.wire import Endpoint
 
-from .engine import FakeSamplerEngine, FakeTrainerEngine
+from loops_core.assembly import EngineConfig, in_process_pair
+
+from .engine import FakeSamplerEngine
 
 
 def fake_pair(base_model: str, *, rank: int = 32, seed: int | None = None, run_id: str | None = None,
               store: CheckpointStore | None = None, poll_hold: float = 30.0) -> tuple[TrainerServer, SamplerServer]:
-    """A paired trainer and sampler server around fresh fake engines."""
-    store = store or CheckpointStore()
-    sampler = SamplerServer(FakeSamplerEngine(base_model), store=store)
-    link = Endpoint(url="http://fake-sampler", transport=httpx.ASGITransport(app=sampler.app))
-    trainer = TrainerServer(FakeTrainerEngine(base_model, lora_rank=rank, seed=seed),
-                            run_id=run_id or f"fake-{uuid.uuid4().hex[:12]}", store=store, sampler=link,
-                            seed=seed, poll_hold=poll_hold)
-    return trainer, sampler
+    """A paired trainer and sampler server around fresh fake engines (the one assembly, in-process)."""
+    return in_process_pair(EngineConfig(model=base_model, engine="fake", rank=rank, seed=seed),
+                           run_id=run_id or f"fake-{uuid.uuid4().hex[:12]}", store=store or CheckpointStore(),
+                           poll_hold=poll_hold)
 
 
 def asgi_endpoint(app, name: str) -> Endpoint:  # noqa: ANN001
