@@ -52,13 +52,14 @@ import httpx
 from loops_core.backend import Backend, SamplerHandle, TrainerHandle
 from loops_core.checkpoints import KINDS, META, check_name, parse_uri
 from loops_core.errors import APIConnectionError, InvalidRequestError, NotFoundError
+from loops_core.retry import READINESS
 from loops_core.types import (Checkpoint, CheckpointDownload, CheckpointFile, CheckpointFilesResponse,
                               ServerCapabilities, SupportedModel)
 from loops_core.wire import Endpoint
 
 from .container import ContainerConfig, ContainerSpec
 from .platform import ModalPlatform, Platform, Started
-from .settings import GPU_CLASSES, ModalSettings
+from .settings import GPU_CLASSES, ModalSettings, modal_settings
 
 log = logging.getLogger("loops.modal")
 HEALTH_TIMEOUT = httpx.Timeout(160.0, connect=30.0)  # a cold container may hold the first request ~150 s
@@ -74,7 +75,7 @@ class ModalBackend(Backend):
 
     def __init__(self, config):  # noqa: ANN001
         super().__init__(config)
-        self.settings = ModalSettings.resolve(config.options)
+        self.settings: ModalSettings = modal_settings(**config.options)
         # Checks for Modal credentials now, so missing ones fail at once.
         self.platform: Platform = ModalPlatform(self.settings)
         self.api_key = secrets.token_urlsafe(32)
@@ -133,7 +134,7 @@ class ModalBackend(Backend):
 
     async def _start(self, config: ContainerConfig, gpu: str | None) -> Started:
         spec = ContainerSpec(app_name=self._app_name(config.role), config=config, gpu=gpu,
-                             scaledown=self.settings.scaledown, hf_token=self.settings.hf_token,
+                             scaledown=self.settings.scaledown, hf_token=self.settings.hf_token_value(),
                              detach=self.settings.detach, output=self.settings.output)
         started = await self.platform.start(spec)
         self._started.append(started)
@@ -179,11 +180,9 @@ class ModalBackend(Backend):
                              base_model=base_model, sampler_id=pair["apps"][0] if pair.get("apps") else None)
 
     async def _reuse(self, base_model: str, ready_timeout: float) -> dict[str, Any] | None:
-        """A still-running pair of the session named by ``reuse_from_session_id``, for this model."""
-        while True:
-            pair = next((p for p in self._reusable if p.get("base_model") == base_model), None)
-            if pair is None:
-                return None
+        """A still-running pair of the session named by ``reuse_from_session_id``, for this model:
+        the recorded pairs are tried in turn, and one that does not answer is dropped."""
+        for pair in [p for p in self._reusable if p.get("base_model") == base_model]:
             self._reusable.remove(pair)
             names = dict(zip(("sampler", "trainer"), pair.get("apps", [])))
             ids = dict(zip(("sampler", "trainer"), pair.get("app_ids", [])))
@@ -198,6 +197,7 @@ class ModalBackend(Backend):
             self._pairs.append(pair)
             await self._save_record()
             return pair
+        return None
 
     async def _save_record(self) -> None:
         try:
@@ -383,45 +383,62 @@ def logs_hint(started: Started) -> str:
     return f"its logs: the Modal dashboard (app {started.app_name})"
 
 
+class _Definite(Exception):
+    """A definite answer from a container that will not come up: ends the wait (READINESS would
+    retry the ``APIConnectionError`` it carries)."""
+
+    def __init__(self, error: APIConnectionError):
+        super().__init__(str(error))
+        self.error = error
+
+
 async def wait_healthy(started: Started, timeout: float, *, probe: bool = False) -> None:
-    """Wait until ``started`` answers ``GET /health`` with ok. Redirects are followed: Modal answers
-    a request that waited 150 s for a cold container with a 303 to the same request. A server that
-    failed to start says so (raised at once); 5xx answers from Modal's proxy for longer than
+    """Wait until ``started`` answers ``GET /health`` with ok, retried by the ``READINESS`` policy
+    for ``timeout`` seconds. Redirects are followed: Modal answers a request that waited 150 s for a
+    cold container with a 303 to the same request. A server that failed to start says so (raised at
+    once), and so does Modal for a stopped app (4xx); 5xx answers from Modal's proxy for longer than
     ``CRASH_WINDOW_S`` mean a container that dies before it serves."""
-    start = time.monotonic()
-    deadline = start + timeout
-    last, attempt, failing_since = "no answer yet", 0, None
+    last, failing_since = "no answer yet", None
+
+    async def attempt(client: httpx.AsyncClient) -> None:
+        nonlocal last, failing_since
+        try:
+            r = await client.get(started.url.rstrip("/") + "/health")
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+            raise APIConnectionError(last) from exc
+        body = _json(r)
+        if r.status_code == 200 and body.get("status") == "ok":
+            return
+        last = f"HTTP {r.status_code}: {r.text[:300]}"
+        if body.get("status") == "failed":
+            raise _Definite(APIConnectionError(f"the Modal {started.role} failed to start: {body.get('detail')}; "
+                                               f"{logs_hint(started)}"))
+        if 400 <= r.status_code < 500 and r.status_code not in (408, 425, 429):
+            # Modal's answer for a stopped or unknown app; our /health never says 4xx
+            raise _Definite(APIConnectionError(f"the Modal {started.role} at {started.url} answers {last}: its app "
+                                               f"is stopped or gone; {logs_hint(started)}"))
+        if r.status_code >= 500:
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > CRASH_WINDOW_S:
+                raise _Definite(APIConnectionError(
+                    f"the Modal {started.role} container keeps failing at start ({last}, for "
+                    f"{time.monotonic() - failing_since:.0f} s); {logs_hint(started)}"))
+        else:
+            failing_since = None
+        raise APIConnectionError(f"not ready yet ({last})")  # a cold start, a 5xx within the window
+
     async with httpx.AsyncClient(follow_redirects=True, timeout=HEALTH_TIMEOUT) as client:
-        while True:
-            try:
-                r = await client.get(started.url.rstrip("/") + "/health")
-                body = _json(r)
-                if r.status_code == 200 and body.get("status") == "ok":
-                    return
-                last = f"HTTP {r.status_code}: {r.text[:300]}"
-                if body.get("status") == "failed":
-                    raise APIConnectionError(f"the Modal {started.role} failed to start: {body.get('detail')}; "
-                                             f"{logs_hint(started)}")
-                if 400 <= r.status_code < 500 and r.status_code not in (408, 425, 429):
-                    # Modal's answer for a stopped or unknown app; our /health never says 4xx
-                    raise APIConnectionError(f"the Modal {started.role} at {started.url} answers {last}: its app is "
-                                             f"stopped or gone; {logs_hint(started)}")
-                if r.status_code >= 500:
-                    failing_since = failing_since or time.monotonic()
-                    if time.monotonic() - failing_since > CRASH_WINDOW_S:
-                        raise APIConnectionError(
-                            f"the Modal {started.role} container keeps failing at start ({last}, for "
-                            f"{time.monotonic() - failing_since:.0f} s); {logs_hint(started)}")
-                else:
-                    failing_since = None
-            except httpx.HTTPError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() > deadline:
-                what = "is not answering" if probe else f"was not healthy after {timeout:.0f} s"
-                raise APIConnectionError(f"the Modal {started.role} at {started.url} {what} (last: {last}); "
-                                         f"{logs_hint(started)}")
-            await asyncio.sleep(min(5.0, 0.05 * 2 ** attempt))
-            attempt += 1
+        try:
+            async for state in READINESS.retrying(timeout):
+                with state:
+                    await attempt(client)
+        except _Definite as exc:
+            raise exc.error from None
+        except APIConnectionError:
+            what = "is not answering" if probe else f"was not healthy after {timeout:.0f} s"
+            raise APIConnectionError(f"the Modal {started.role} at {started.url} {what} (last: {last}); "
+                                     f"{logs_hint(started)}") from None
 
 
 def _json(r: httpx.Response) -> dict:

@@ -1,22 +1,28 @@
 """What the Modal backend is told, read when a ServiceClient is built (never at import).
 
-Options (``ServiceClient(backend="modal", gpu="A100-80GB")``) win over environment variables:
+``ModalSettings`` below, one pydantic-settings model: a keyword to ``ServiceClient(backend="modal",
+gpu="A100-80GB")`` wins over the environment variable, which wins over the default. A bad value, or
+an unknown keyword, is a ``ConfigurationError`` naming it.
 
-=================  ==========================  ============================================================
-option             env                         meaning (default)
-=================  ==========================  ============================================================
-``gpu``            ``LOOPS_MODAL_GPU``         the trainer's GPU type, as Modal spells it (``H100``)
-``sampler_gpu``    ``LOOPS_MODAL_SAMPLER_GPU`` the sampler's GPU type (the trainer's)
-``engine``         ``LOOPS_MODAL_ENGINE``      ``local`` (torch + vLLM/HF) or ``fake`` (numpy, CPU only)
-``sampler_engine`` ``LOOPS_SAMPLER_ENGINE``    ``auto`` (vLLM, else HF), ``hf`` or ``vllm``
-``scaledown``      ``LOOPS_MODAL_SCALEDOWN``   seconds an idle container is kept before Modal stops it (900)
-``detach``         ``LOOPS_MODAL_DETACH``      keep the apps running after this process ends (off)
-``output``         ``LOOPS_MODAL_OUTPUT``      show Modal's build and container logs here (off)
-``volume``         ``LOOPS_MODAL_VOLUME``      the checkpoint Volume's name (``loops-checkpoints``)
-=================  ==========================  ============================================================
+==================  ===========================  =============================================================
+option              env                          meaning (default)
+==================  ===========================  =============================================================
+``gpu``             ``LOOPS_MODAL_GPU``          the trainer's GPU type, as Modal spells it (``H100``)
+``sampler_gpu``     ``LOOPS_MODAL_SAMPLER_GPU``  the sampler's GPU type (the trainer's)
+``engine``          ``LOOPS_MODAL_ENGINE``       ``local`` (torch + vLLM/HF) or ``fake`` (numpy, CPU only) (``local``)
+``sampler_engine``  ``LOOPS_SAMPLER_ENGINE``     ``auto`` (vLLM, else HF), ``hf`` or ``vllm`` (``auto``)
+``scaledown``       ``LOOPS_MODAL_SCALEDOWN``    seconds an idle container is kept before Modal stops it, 2..3600 (900)
+``detach``          ``LOOPS_MODAL_DETACH``       keep the apps running after this process ends (off)
+``output``          ``LOOPS_MODAL_OUTPUT``       show Modal's build and container logs here (off)
+``volume``          ``LOOPS_MODAL_VOLUME``       the checkpoint Volume's name (``loops-checkpoints``)
+``hf_token``        ``HF_TOKEN`` or              a Hugging Face token, passed to the containers as a Modal secret,
+                    ``HUGGING_FACE_HUB_TOKEN``   for gated models (none)
+==================  ===========================  =============================================================
 
-A GPU value may list fallbacks, ``"H100,A100-80GB"``: Modal takes the first type it can get.
-``HF_TOKEN`` (when set) reaches the containers as a Modal secret, for gated models.
+A GPU value may list fallbacks, ``"H100,A100-80GB"``: Modal takes the first type it can get. With
+``engine="fake"`` both GPUs are None (the numpy engine runs on cheap CPU containers). An empty
+variable counts as unset; ``engine`` and ``sampler_engine`` are case-insensitive; the flags take
+``1/0``, ``true/false``, ``yes/no``, ``on/off``.
 ``LOOPS_MODAL_VLLM_SPEC`` overrides the sampler image's vLLM requirement (``vllm==0.33.0``).
 Tests: ``LOOPS_MODAL_CONTRACT=real`` runs the contract suite on real Modal instead of the fake
 control plane (``fake_control_plane.FakeModal``).
@@ -24,11 +30,13 @@ control plane (``fake_control_plane.FakeModal``).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal
 
-from loops_core.errors import AuthenticationError, InvalidRequestError
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from loops_core.errors import AuthenticationError
+from loops_core.settings import load_settings
 
 DEFAULT_GPU = "H100"
 # GPU types Modal offers (``gpu=`` strings); listed by get_server_capabilities.
@@ -42,63 +50,54 @@ SESSIONS_DICT = "loops-sessions"             # modal.Dict: session id -> the pai
 # holds 25 s stays far below that, and below the client's 35 s poll read timeout.
 POLL_HOLD_S = 25.0
 DEFAULT_SCALEDOWN_S = 900
-ENGINES = ("local", "fake")
-SAMPLER_ENGINES = ("auto", "hf", "vllm")
-OPTIONS = ("gpu", "sampler_gpu", "engine", "sampler_engine", "scaledown", "detach", "output", "volume")
 
 
-@dataclass(frozen=True)
-class ModalSettings:
-    gpu: str | None
-    sampler_gpu: str | None
-    engine: str = "local"
-    sampler_engine: str = "auto"
-    scaledown: int = DEFAULT_SCALEDOWN_S
-    detach: bool = False
-    output: bool = False
-    volume: str = DEFAULT_VOLUME
-    hf_token: str | None = field(default=None, repr=False)
+class ModalSettings(BaseSettings):
+    """Options of the Modal backend: keyword > ``LOOPS_MODAL_*`` environment > default."""
 
+    # ``populate_by_name``: the fields whose variable does not follow the prefix (``validation_alias``)
+    # still take their keyword by name; ``extra="forbid"``: an unknown keyword is an error, not ignored.
+    model_config = SettingsConfigDict(env_prefix="LOOPS_MODAL_", extra="forbid", env_ignore_empty=True,
+                                      populate_by_name=True)
+
+    gpu: str | None = Field(DEFAULT_GPU, description=(
+        "the trainer's GPU type, as Modal spells it; may list fallbacks, 'H100,A100-80GB'"))
+    sampler_gpu: str | None = Field(None, description="the sampler's GPU type (default: the trainer's)")
+    engine: Literal["local", "fake"] = Field("local", description=(
+        "local: torch + vLLM/HF on GPUs; fake: the numpy engine on CPU containers (tests of provisioning)"))
+    sampler_engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", validation_alias="LOOPS_SAMPLER_ENGINE",
+        description="the sampler's engine: auto (vLLM when it imports, else HF), hf or vllm")
+    scaledown: int = Field(DEFAULT_SCALEDOWN_S, ge=2, le=3600, description=(
+        "seconds an idle container is kept before Modal stops it (Modal's scaledown_window: 2..3600)"))
+    detach: bool = Field(False, description=(
+        "keep the apps running after this process ends (for reuse_from_session_id)"))
+    output: bool = Field(False, description="show Modal's build and container logs in this process")
+    volume: str = Field(DEFAULT_VOLUME, min_length=1, description="the name of the checkpoint Volume")
+    hf_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+        description="a Hugging Face token for gated models, passed to the containers as a Modal secret")
+
+    @field_validator("engine", "sampler_engine", mode="before")
     @classmethod
-    def resolve(cls, options: Mapping[str, Any], env: Mapping[str, str] | None = None) -> "ModalSettings":
-        env = os.environ if env is None else env
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise InvalidRequestError(f"unknown option(s) for the modal backend: {', '.join(unknown)}; "
-                                      f"known: {', '.join(OPTIONS)}", field=unknown[0])
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
-        def pick(key: str, var: str, default: Any) -> Any:
-            value = options.get(key)
-            return value if value is not None else (env.get(var) or default)
+    @model_validator(mode="after")
+    def _gpus(self) -> "ModalSettings":
+        if self.sampler_gpu is None:
+            self.sampler_gpu = self.gpu
+        if self.engine == "fake":  # the numpy engine needs no GPU: cheap CPU containers
+            self.gpu = self.sampler_gpu = None
+        return self
 
-        engine = str(pick("engine", "LOOPS_MODAL_ENGINE", "local")).lower()
-        if engine not in ENGINES:
-            raise InvalidRequestError(f"engine={engine!r}: expected one of {ENGINES}", field="engine")
-        sampler_engine = str(pick("sampler_engine", "LOOPS_SAMPLER_ENGINE", "auto")).lower()
-        if sampler_engine not in SAMPLER_ENGINES:
-            raise InvalidRequestError(f"sampler_engine={sampler_engine!r}: expected one of {SAMPLER_ENGINES}",
-                                      field="sampler_engine")
-        try:
-            scaledown = int(pick("scaledown", "LOOPS_MODAL_SCALEDOWN", DEFAULT_SCALEDOWN_S))
-        except (TypeError, ValueError):
-            raise InvalidRequestError("scaledown must be a whole number of seconds", field="scaledown") from None
-        if not 2 <= scaledown <= 3600:  # Modal's bounds for scaledown_window
-            raise InvalidRequestError(f"scaledown={scaledown}: Modal accepts 2..3600 seconds", field="scaledown")
-        gpu = pick("gpu", "LOOPS_MODAL_GPU", DEFAULT_GPU)
-        sampler_gpu = pick("sampler_gpu", "LOOPS_MODAL_SAMPLER_GPU", gpu)
-        if engine == "fake":  # the numpy engine needs no GPU: cheap CPU containers
-            gpu = sampler_gpu = None
-        return cls(gpu=gpu, sampler_gpu=sampler_gpu, engine=engine, sampler_engine=sampler_engine,
-                   scaledown=scaledown, detach=_flag(pick("detach", "LOOPS_MODAL_DETACH", False)),
-                   output=_flag(pick("output", "LOOPS_MODAL_OUTPUT", False)),
-                   volume=str(pick("volume", "LOOPS_MODAL_VOLUME", DEFAULT_VOLUME)),
-                   hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None)
+    def hf_token_value(self) -> str | None:
+        return self.hf_token.get_secret_value() if self.hf_token is not None else None
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+def modal_settings(**options: Any) -> ModalSettings:
+    """The settings for ``ServiceClient(backend="modal", **options)``, read from the environment now."""
+    return load_settings(ModalSettings, **options)  # type: ignore[return-value]
 
 
 def modal_credentials_present() -> bool:
