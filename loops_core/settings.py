@@ -28,10 +28,18 @@ def load_settings(model: type[BaseSettings], **overrides: object) -> BaseSetting
     try:
         return model(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        prefix = model.model_config.get("env_prefix", "")
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (or {prefix}{str(e['loc'][0]).upper()}): {e['msg']}"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (or {_env_names(model, str(e['loc'][0]))}): {e['msg']}"
                              for e in exc.errors())
         raise ConfigurationError(f"invalid {model.__name__}: {problems}") from None
+
+
+def _env_names(model: type[BaseSettings], name: str) -> str:
+    """The environment variable(s) a field is read from: its alias(es), else prefix + name."""
+    field = model.model_fields.get(name)
+    alias = field.validation_alias if field is not None else None
+    choices = getattr(alias, "choices", None) or ([alias] if isinstance(alias, str) else [])
+    names = [c.upper() for c in choices if isinstance(c, str)]
+    return " or ".join(names) if names else f"{model.model_config.get('env_prefix', '')}{name}".upper()
 
 
 def client_settings(**overrides: object) -> ClientSettings:
