@@ -505,7 +505,8 @@ def test_local_engine_spawns_server_processes():
 
 def test_cli_emulator_prints_what_to_export():
     proc = subprocess.Popen([sys.executable, "-m", "loops_core.cli", "emulate", "baseten", "--port", "0",
-                             "--api-key", KEY], stdout=subprocess.PIPE, text=True, env={**os.environ})
+                             "--engine", "fake"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "LOOPS_EMULATOR_API_KEY": KEY})
     try:
         lines = []
         deadline = time.monotonic() + 30

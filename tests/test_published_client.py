@@ -229,8 +229,8 @@ def test_serve_tiny_torch(published_python, tmp_path):
 
 
 def test_emulator(published_python, tmp_path):
-    proc, lines = _spawn(["emulate", "baseten", "--port", "0", "--engine", "fake", "--api-key", EMULATOR_KEY],
-                         "export BASETEN_API_KEY", tmp_path / "home")
+    proc, lines = _spawn(["emulate", "baseten", "--port", "0", "--engine", "fake"],
+                         "export BASETEN_API_KEY", tmp_path / "home", env={"LOOPS_EMULATOR_API_KEY": EMULATOR_KEY})
     try:
         rows, _ = _drive(published_python, {"mode": "service", "base_url": _value(lines, "export LOOPS_BASE_URL="),
                                             "api_key": EMULATOR_KEY, "base_model": FAKE_MODEL,

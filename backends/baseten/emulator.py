@@ -2,7 +2,7 @@
 
 ::
 
-    loops emulate baseten [--port N] [--engine fake|local] [--api-key K]
+    loops emulate baseten [--port N] [--engine local|fake] [--api-key-file F]   (or LOOPS_EMULATOR_API_KEY)
 
 It answers the control-plane routes the client uses, in the shapes of the protocol notes, and
 provisions real trainer and sampler servers behind a gateway (``emulator_deployments``):
@@ -45,6 +45,7 @@ import os
 import secrets
 import threading
 import time
+from pathlib import Path
 import uuid
 from typing import Any, Iterator
 
@@ -440,11 +441,13 @@ def cli_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="loops emulate baseten", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8787, help="0 picks a free port (default 8787)")
-    p.add_argument("--engine", choices=["fake", "local"], default="fake",
-                   help="fake: numpy servers in-process; local: torch/HF/vLLM subprocesses")
+    p.add_argument("--engine", choices=["fake", "local"], default=None,
+                   help="local (the default when torch is installed): torch/HF/vLLM subprocesses, real samples; "
+                        "fake: numpy servers in-process (instant; its samples are not language)")
     p.add_argument("--sampler-engine", choices=["auto", "hf", "vllm"], default="auto", help="for --engine local")
-    p.add_argument("--api-key", default=os.environ.get("LOOPS_EMULATOR_API_KEY"),
-                   help="the key clients must send (default: LOOPS_EMULATOR_API_KEY, else a random one)")
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused: `ps` shows process arguments
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the key clients must send (default: LOOPS_EMULATOR_API_KEY, else a random one)")
     p.add_argument("--provisioning-polls", type=int, default=0, help="fault: report BUILDING/DEPLOYING this long")
     p.add_argument("--scaled-to-zero", action="store_true", help="fault: new samplers start scaled to zero")
     p.add_argument("--serverless-samplers", action="store_true",
@@ -454,7 +457,15 @@ def cli_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from loops_core.server.run import Listener, serve
 
-    key = args.api_key or f"emu-{secrets.token_hex(12)}"
+    if args.api_key is not None:
+        p.error("--api-key is not accepted: a key on the command line is visible to every user in `ps`. "
+                "Set LOOPS_EMULATOR_API_KEY or pass --api-key-file PATH")
+    if args.engine is None:
+        import importlib.util
+
+        args.engine = "local" if importlib.util.find_spec("torch") is not None else "fake"
+    key = (Path(args.api_key_file).expanduser().read_text().strip() if args.api_key_file else
+           os.environ.get("LOOPS_EMULATOR_API_KEY")) or f"emu-{secrets.token_hex(12)}"
     emu = Emulator(api_key=key, engine=args.engine, sampler_engine=args.sampler_engine, models=args.model,
                    faults=Faults(provisioning_polls=args.provisioning_polls, scaled_to_zero=args.scaled_to_zero,
                                  serverless_samplers=args.serverless_samplers))
@@ -462,7 +473,9 @@ def cli_main(argv: list[str]) -> int:
     def ready(listeners: list[Listener]) -> None:
         url = listeners[0].url
         models = ", ".join(m["model_name"] for m in emu.models)
-        print(f"Baseten control-plane emulator (engine: {args.engine}; models: {models}) on {url}\n"
+        what = ("numpy fake engine: instant, deterministic, but its samples are not language; --engine local "
+                "for the torch model" if args.engine == "fake" else "torch trainer + HF/vLLM sampler")
+        print(f"Baseten control-plane emulator (engine: {args.engine}, {what}; models: {models}) on {url}\n"
               f"export LOOPS_BACKEND=baseten\nexport LOOPS_BASE_URL={url}\nexport BASETEN_API_KEY={key}", flush=True)
 
     serve([Listener("emulator", emu, args.host, args.port)], on_ready=ready)
