@@ -88,38 +88,29 @@ class ContainerSpec:
 
 
 # ---- engines ----------------------------------------------------------------------------------
+def engine_config(config: ContainerConfig) -> Any:
+    """The container's engines, described as everywhere else (``loops_core.assembly``)."""
+    from loops_core.assembly import EngineConfig
+
+    return EngineConfig(model=config.base_model, engine=config.engine, sampler_engine=config.sampler_engine,
+                        rank=config.rank or 32, seed=config.seed)
+
+
 def make_trainer_engine(config: ContainerConfig):  # noqa: ANN201
-    rank = config.rank or 32
-    if config.engine == "fake":
-        from loops_backends.fake.engine import FakeTrainerEngine
+    from loops_core.assembly import make_engines
 
-        return FakeTrainerEngine(config.base_model, lora_rank=rank, seed=config.seed)
-    from loops_backends.local_gpu.tiny_model import TINY_MODEL_NAME
-    from loops_backends.local_gpu.trainer import TorchTrainerEngine
-
-    engine = TorchTrainerEngine(config.base_model, lora_rank=rank, seed=config.seed)
-    if config.base_model == TINY_MODEL_NAME:
+    engine = make_engines(engine_config(config))[0]()
+    if config.base_model == "loops/tiny-qwen3":
         # The engine reports the generated directory, a path inside this container; the client
         # builds the same tokenizer from the name.
-        engine.tokenizer_id = TINY_MODEL_NAME
+        engine.tokenizer_id = config.base_model
     return engine
 
 
 def make_sampler_engine(config: ContainerConfig):  # noqa: ANN201
-    if config.engine == "fake":
-        from loops_backends.fake.engine import FakeSamplerEngine
+    from loops_core.assembly import make_engines
 
-        return FakeSamplerEngine(config.base_model)
-    from loops_backends.local_gpu.samplers import make_sampler_engine as make
-    from loops_backends.local_gpu.sampler_vllm import vllm_available
-
-    choice = config.sampler_engine
-    if choice == "auto":
-        choice = "vllm" if vllm_available() else "hf"
-    kw: dict[str, Any] = {}
-    if choice == "vllm":
-        kw["max_lora_rank"] = max(64, config.rank or 0)  # vLLM must be told the largest rank up front
-    return make(config.base_model, engine=choice, **kw)
+    return make_engines(engine_config(config))[1]()
 
 
 # ---- servers ----------------------------------------------------------------------------------
