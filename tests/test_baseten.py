@@ -407,17 +407,13 @@ def test_heartbeat_calls_health_until_the_session_closes(emu):
     sc = client(emu, heartbeat_s=0.05)
     tc = sc.create_lora_training_client(MODEL, rank=4)
     dep = trainer_dep(emu, tc.run_id)
-    start = dep.health_hits
-    deadline = time.monotonic() + 5
-    while dep.health_hits < start + 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert dep.health_hits >= start + 3
+    assert dep.wait_for_hits(dep.health_hits + 3), "three heartbeats"
     beats = [r for r in requests_to(emu, "GET", f"/gw/{dep.id}/sync/health") if "base_model=" in r["query"]]
     assert beats and all(r["x-run-id"] == tc.run_id for r in beats)
+    tasks = [b._task for b in sc.backend.heartbeats]
     sc.close()
-    stopped = dep.health_hits
-    time.sleep(0.3)
-    assert dep.health_hits == stopped
+    assert tasks and all(t is None or t.done() for t in tasks), "close() ends the heartbeat tasks"
+    assert sc.backend.heartbeats == []
 
 
 def test_closing_a_training_client_stops_only_its_heartbeat(emu):
@@ -428,10 +424,10 @@ def test_closing_a_training_client_stops_only_its_heartbeat(emu):
     sampler = a.save_weights_and_get_sampling_client("still-here").result(timeout=60)
     a.close()
     stopped = dep_a.health_hits
-    before_b = dep_b.health_hits
-    time.sleep(0.4)
-    assert dep_a.health_hits == stopped, "a closed client's trainer may scale down"
-    assert dep_b.health_hits > before_b, "the other trainer keeps its heartbeat"
+    # b's heartbeat is the clock: three of its beats go by, and a's trainer hears nothing more
+    # (at most one beat already on the wire when a closed).
+    assert dep_b.wait_for_hits(dep_b.health_hits + 3), "the other trainer keeps its heartbeat"
+    assert dep_a.health_hits <= stopped + 1, "a closed client's trainer may scale down"
     assert sampler.sample(ModelInput.from_ints([1, 2]), 1, SamplingParams(max_tokens=1)).sequences
     sc.close()
 

@@ -13,6 +13,7 @@ Either way the client reaches them over HTTP at ``<emulator>/gw/<deployment_id>/
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -44,9 +45,21 @@ class Deployment:
     shutting_down: bool = False
     status_polls: int = 0
     health_hits: int = 0
+    # Tests wait on hits instead of sleeping: notified on every /health the gateway forwards.
+    hit: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
     closer: Callable[[], Any] | None = None
     serverless: bool = False           # no deployment of its own to report: model_id / deployment_id null
     queue: Any = None                  # a serverless sampler's SampleQueue (emulator_serverless)
+
+    def count_health_hit(self) -> None:
+        with self.hit:
+            self.health_hits += 1
+            self.hit.notify_all()
+
+    def wait_for_hits(self, n: int, timeout: float = 10.0) -> bool:
+        """Block until ``health_hits`` reaches ``n`` (False after ``timeout`` seconds)."""
+        with self.hit:
+            return self.hit.wait_for(lambda: self.health_hits >= n, timeout)
 
     def status(self, *, consume: bool = False) -> str:
         if consume:

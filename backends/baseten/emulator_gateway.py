@@ -51,7 +51,7 @@ async def gateway(emu: "Emulator", scope: dict, receive: Any, send: Any, headers
     else:
         sub = "/" + (rest[1] if len(rest) > 1 else "")
         if sub == "/health":
-            dep.health_hits += 1
+            dep.count_health_hit()
         if sub == "/sample" and scope["method"] == "POST":
             body = await _read_body(receive)
             receive = _replay(body, receive)
