@@ -581,3 +581,26 @@ def test_wake_posts_next_to_sync():
     run_sync(cp.wake("http://model-x.example/deployment/d/sync/"))
     run_sync(cp.aclose())
     assert seen == [("POST", "http://model-x.example/deployment/d/wake", f"Api-Key {KEY}")]
+
+
+def test_serverless_sampler_queue_through_loops_client(emu):
+    """loops' own client against the emulator's serverless sampler: /sample answers 202 with an
+    operation, the client polls it, sends ``model`` (and ``lora`` when pinned) only there."""
+    emu.faults.serverless_samplers = True
+    with client(emu) as sc:
+        sampler = sc.create_sampling_client(base_model=MODEL)
+        assert sampler.endpoint.queued
+        out = sampler.sample(ModelInput.from_ints([1, 2, 3]), 2, SamplingParams(max_tokens=3, seed=1))
+        assert len(out.sequences) == 2 and all(1 <= len(s.tokens) <= 3 for s in out.sequences)
+        bodies = [r for r in emu.requests if r["method"] == "POST" and r["path"].endswith("/sample")]
+        assert bodies and bodies[-1].get("body", {}).get("model") == MODEL
+        assert sampler.compute_logprobs(ModelInput.from_ints([1, 2, 3]))[0] is None
+
+
+def test_dedicated_sampler_gets_no_model_field(emu):
+    with client(emu) as sc:
+        sampler = sc.create_sampling_client(base_model=MODEL)
+        assert not sampler.endpoint.queued
+        sampler.sample(ModelInput.from_ints([1, 2, 3]), 1, SamplingParams(max_tokens=1))
+        bodies = [r for r in emu.requests if r["method"] == "POST" and r["path"].endswith("/sample")]
+        assert bodies and "model" not in (bodies[-1].get("body") or {})

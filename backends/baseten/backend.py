@@ -126,11 +126,13 @@ class BasetenBackend(Backend):
             self.capabilities = self.capabilities | extra  # type: ignore[misc]  (per-instance)
         return session.id
 
-    def _endpoint(self, url: str | None, what: str, **ids: str) -> Endpoint:
+    def _endpoint(self, url: str | None, what: str, *, queued: bool = False, **ids: str) -> Endpoint:
+        """``queued``: a serverless sampler (no deployment of its own): /sample answers 202 and an operation."""
         if not url:
             raise APIStatusError(f"the control plane returned no URL for the {what} (it is not routable yet)",
                                  status_code=200)
-        return Endpoint(url=url.rstrip("/"), headers={"X-Baseten-Accept-Error": "1", **ids}, api_key=self._api_key, api_key_env=ENV_API_KEY)
+        return Endpoint(url=url.rstrip("/"), headers={"X-Baseten-Accept-Error": "1", **ids}, api_key=self._api_key,
+                        api_key_env=ENV_API_KEY, queued=queued)
 
     async def create_trainer(self, base_model: str, *, rank: int, seed: int | None, ready_timeout: float,
                              max_seq_len: int | None = None) -> TrainerHandle:
@@ -156,7 +158,8 @@ class BasetenBackend(Backend):
         try:
             record = await self.control.create_sampler(sampler_body)
             await wait_for_sampler(self.control, record, ready_timeout=ready_timeout, poll_s=self.ready_poll_s)
-            sampler = self._endpoint(record.base_url, "paired sampler", **{"X-Run-Id": run.id})
+            sampler = self._endpoint(record.base_url, "paired sampler", queued=not record.dedicated,
+                                     **{"X-Run-Id": run.id})
         except BaseException:
             await wire.aclose()
             raise
@@ -218,7 +221,8 @@ class BasetenBackend(Backend):
         base_model = record.base_model or base_model
         if not base_model:
             raise InvalidRequestError(f"{model_path!r} does not record its base model", field="model_path")
-        return SamplerHandle(sampler=self._endpoint(record.base_url, "sampler", **{"X-Sampler-Id": record.id}),
+        return SamplerHandle(sampler=self._endpoint(record.base_url, "sampler", queued=not record.dedicated,
+                                                    **{"X-Sampler-Id": record.id}),
                              base_model=base_model, sampler_id=record.id, checkpoint_path=model_path)
 
     def _session(self) -> str:
