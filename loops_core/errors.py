@@ -12,7 +12,8 @@
     ├── APIError                      the transport or the server failed
     │   ├── APIConnectionError        the server could not be reached (within the data-plane budget)
     │   │   ├── APITimeoutError       a request took longer than its timeout
-    │   │   └── ServerRestartedError  the server restarted: its operations and adapters are gone
+    │   │   ├── ServerRestartedError  the server restarted: its operations and adapters are gone
+    │   │   └── ServerGoneError       the server's process exited (local backend): said at once
     │   ├── APIStatusError            an unexpected HTTP status (``status_code``, ``body``)
     │   │   └── NotFoundError         404 on a resource (a checkpoint, a run)
     │   ├── ServerShutdownError       503: the server is shutting down; retry elsewhere
@@ -95,6 +96,10 @@ class ServerRestartedError(APIConnectionError):
     state are gone. Reload a checkpoint (``load_state_with_optimizer``) and resubmit."""
 
 
+class ServerGoneError(APIConnectionError):
+    """The server's process is known to have exited (its exit code and log tail are in the message)."""
+
+
 class APIStatusError(APIError):
     def __init__(self, message: str, *, status_code: int, body: Any = None):
         self.status_code = status_code
@@ -160,5 +165,5 @@ __all__ = [
     "BackendNotFoundError", "BackendUnavailableError", "ClientClosedError", "ConfigurationError", "DeploymentFailedError",
     "FutureTimeoutError",
     "InvalidRequestError", "LoopsError", "NotFoundError", "RemoteOpError", "SamplerVersionError",
-    "ServerRestartedError", "ServerShutdownError", "UnknownRequestError",
+    "ServerGoneError", "ServerRestartedError", "ServerShutdownError", "UnknownRequestError",
 ]

@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable
 
 import tenacity
 
-from .errors import APIConnectionError, LoopsError, ServerRestartedError
+from .errors import APIConnectionError, LoopsError, ServerGoneError, ServerRestartedError
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -47,8 +47,8 @@ class RetryPolicy:
     provisioning: bool = False
 
     def transient(self, exc: BaseException) -> bool:
-        if isinstance(exc, ServerRestartedError):
-            return False  # a restart is not transient: the server lost this client's state
+        if isinstance(exc, (ServerRestartedError, ServerGoneError)):
+            return False  # not transient: the server lost this client's state, or its process exited
         if isinstance(exc, APIConnectionError):
             return True
         return isinstance(exc, LoopsError) and getattr(exc, "status_code", None) in self.statuses
@@ -56,10 +56,11 @@ class RetryPolicy:
     def retrying(self, budget: float, *, unreachable: float | None = None) -> tenacity.AsyncRetrying:
         """Attempts until ``budget`` seconds have passed; an unbroken run of connection errors
         longer than ``unreachable`` seconds stops earlier."""
+        deadline = _Deadline(budget, unreachable)
         return tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception(self.transient),
-            stop=_Deadline(budget, unreachable),
-            wait=_RetryAfter(tenacity.wait_exponential_jitter(multiplier=self.initial, max=self.max_wait)),
+            stop=deadline,
+            wait=_RetryAfter(tenacity.wait_exponential_jitter(multiplier=self.initial, max=self.max_wait), deadline),
             reraise=True)
 
 
@@ -79,27 +80,35 @@ class _Deadline(tenacity.stop.stop_base):
         self._down_since: float | None = None
 
     def __call__(self, state: tenacity.RetryCallState) -> bool:
-        if state.seconds_since_start is not None and state.seconds_since_start >= self.budget:
-            return True
+        return self.remaining(state) <= 0
+
+    def remaining(self, state: tenacity.RetryCallState) -> float:
+        """Seconds left before giving up: the budget, or the unreachable window once the server stopped answering."""
+        left = self.budget - (state.seconds_since_start or 0.0)
         exc = state.outcome.exception() if state.outcome is not None else None
         if not isinstance(exc, APIConnectionError):
             self._down_since = None
-            return False
+            return left
         now = time.monotonic()
         self._down_since = self._down_since or now
-        return self.unreachable is not None and now - self._down_since >= self.unreachable
+        if self.unreachable is None:
+            return left
+        return min(left, self.unreachable - (now - self._down_since))
 
 
 class _RetryAfter(tenacity.wait.wait_base):
-    """The server's ``Retry-After`` (carried on the error as ``retry_after``) when it gives one."""
+    """The server's ``Retry-After`` (carried on the error as ``retry_after``) when it gives one, else
+    the backoff; never past the deadline, so a give-up is on time."""
 
-    def __init__(self, fallback: tenacity.wait.wait_base):
+    def __init__(self, fallback: tenacity.wait.wait_base, deadline: _Deadline):
         self.fallback = fallback
+        self.deadline = deadline
 
     def __call__(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
         hinted = getattr(exc, "retry_after", None)
-        return min(float(hinted), 60.0) if hinted else self.fallback(state)
+        wait = min(float(hinted), 60.0) if hinted else self.fallback(state)
+        return max(0.0, min(wait, self.deadline.remaining(state)))
 
 
 async def poll_until(check: Callable[[], Awaitable[bool]], *, budget: float, interval: float, what: str,

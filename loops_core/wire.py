@@ -30,8 +30,8 @@ import httpx
 
 from ._version import __version__
 from .errors import (APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError, ClientClosedError,
-                     InvalidRequestError, NotFoundError, RemoteOpError, ServerRestartedError, ServerShutdownError,
-                     UnknownRequestError)
+                     InvalidRequestError, NotFoundError, RemoteOpError, ServerGoneError, ServerRestartedError,
+                     ServerShutdownError, UnknownRequestError)
 from .retry import DATA_POLL, DATA_SUBMIT, RetryPolicy, retry_after_seconds
 from .settings import client_settings
 
@@ -209,7 +209,7 @@ class WireClient:
         except APIConnectionError as exc:
             gone = self.endpoint.liveness() if self.endpoint.liveness is not None else None
             if gone:
-                raise APIConnectionError(f"{what}: the server at {self.url} is gone: {gone}") from exc
+                raise ServerGoneError(f"{what}: the server at {self.url} is gone: {gone}") from exc
             raise
         self._check_incarnation(r, what)
         return r

@@ -78,3 +78,22 @@ def test_servers_answer_on_loopback_and_logs_are_kept():
     assert len(procs) == 2
     service.close()
     assert all(proc.poll() is not None for proc in procs), "close() left a server process running"
+
+
+def test_a_killed_server_process_is_reported_at_once_with_its_exit_code():
+    from loops_core import ServerGoneError, ServiceClient
+    from loops_core.testing.contract.data import france, sft_datum
+
+    service = ServiceClient(backend="local", engine="fake")
+    try:
+        tc = service.create_lora_training_client("fake-model", rank=4)
+        datum = sft_datum(*france(tc.get_tokenizer()))
+        trainer = next(p for p in service.backend.processes if p.role == "trainer")
+        os.kill(trainer.proc.pid, signal.SIGKILL)
+        trainer.proc.wait()
+        started = time.monotonic()
+        with pytest.raises(ServerGoneError, match="exited with code -9"):
+            tc.forward_backward([datum]).result(timeout=60)
+        assert time.monotonic() - started < 5
+    finally:
+        service.close()
