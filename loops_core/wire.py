@@ -24,7 +24,7 @@ import os
 import ssl
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import httpx
 
@@ -57,6 +57,9 @@ class Endpoint:
     # Says why the server is certainly gone (its process exited), else None: lets a client fail at
     # once instead of waiting out ``unreachable_timeout``. Never pickled.
     liveness: Callable[[], str | None] | None = field(default=None, compare=False)
+    # Awaited once before the first request: a server provisioned with its pair but waited for only
+    # when first needed (a Baseten paired sampler). Never pickled.
+    ready: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
     # The environment variable a pickled client re-reads its key from (keys are never pickled).
     api_key_env: str = "LOOPS_API_KEY"
     # A queued (serverless) sampler answers /sample with 202 and an operation to poll.
@@ -64,7 +67,7 @@ class Endpoint:
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickles carry neither the key (it is re-read from ``api_key_env``) nor process handles.
-        return {**self.__dict__, "api_key": None, "liveness": None, "transport": None,
+        return {**self.__dict__, "api_key": None, "liveness": None, "transport": None, "ready": None,
                 "_had_key": self.api_key is not None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -128,6 +131,20 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     error = APIStatusError(f"{what}: HTTP {status}: {text}", status_code=status, body=text)
     error.retry_after = retry_after_seconds(response.headers.get("retry-after"))
     raise error
+
+
+def once(fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """``fn()`` run once, however many callers await it (a failure is re-raised to each, and the
+    next call tries again)."""
+    task: asyncio.Task | None = None
+
+    async def run() -> None:
+        nonlocal task
+        if task is None or (task.done() and task.exception() is not None):
+            task = asyncio.ensure_future(fn())
+        await asyncio.shield(task)
+
+    return run
 
 
 def accepted_operation_id(r: httpx.Response, what: str) -> str:
@@ -202,6 +219,8 @@ class WireClient:
         """One HTTP exchange, translated: transport errors become ours, and the incarnation is checked."""
         if self.closed:
             raise ClientClosedError(f"{what}: this client was closed")
+        if self.endpoint.ready is not None:
+            await self.endpoint.ready()
         try:
             with translate_errors(what, self.url + path), self._leased() as client:
                 r = await client.request(method, path, timeout=timeout if timeout is not None

@@ -193,8 +193,9 @@ def test_slow_provisioning_is_waited_out(emu):
         assert dep.status_polls >= 4  # BUILDING, BUILDING, DEPLOYING, DEPLOYING (then ACTIVE)
         health = requests_to(emu, "GET", f"/gw/{dep.id}/sync/health")
         assert len(health) >= 2 and dep.health_hits == 1  # 502 from the gateway until ACTIVE
-        assert emu.deployments[emu.runs[tc.run_id]["sampler"]].status_polls >= 4
         assert tc.forward_backward([datum(tc)]).result().loss > 0
+        tc.save_weights_and_get_sampling_client("after-slow").result(timeout=60)  # the sampler, at first use
+        assert emu.deployments[emu.runs[tc.run_id]["sampler"]].status_polls >= 4
         emu.faults.update(provisioning_polls=10_000)
         with pytest.raises(APITimeoutError, match="not ready within"):
             sc.create_lora_training_client(MODEL, rank=4, ready_timeout=0.3)
@@ -604,3 +605,17 @@ def test_dedicated_sampler_gets_no_model_field(emu):
         sampler.sample(ModelInput.from_ints([1, 2, 3]), 1, SamplingParams(max_tokens=1))
         bodies = [r for r in emu.requests if r["method"] == "POST" and r["path"].endswith("/sample")]
         assert bodies and "model" not in (bodies[-1].get("body") or {})
+
+
+def test_paired_sampler_is_provisioned_with_the_trainer_but_awaited_at_first_use(emu):
+    with client(emu) as sc:
+        tc = sc.create_lora_training_client(MODEL, rank=4)
+        sampler_dep = emu.deployments[emu.runs[tc.run_id]["sampler"]]
+        assert sampler_dep.status_polls == 0, "creating a training client does not wait for its sampler"
+        tc.forward_backward([datum(tc)]).result(timeout=60)
+        assert sampler_dep.status_polls == 0, "training alone never waits for the sampler"
+        sampling = tc.save_weights_and_get_sampling_client("first-use").result(timeout=60)
+        assert sampler_dep.status_polls >= 1, "the first publish waits for the sampler"
+        polls = sampler_dep.status_polls
+        assert sampling.sample(ModelInput.from_ints([1, 2]), 1, SamplingParams(max_tokens=1)).sequences
+        assert sampler_dep.status_polls == polls, "waited for once"

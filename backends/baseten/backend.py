@@ -44,7 +44,7 @@ from loops_core.errors import (APIStatusError, AuthenticationError, InvalidReque
 from loops_core.futures import on_loop, run_sync
 from loops_core.settings import load_settings
 from loops_core.types import Checkpoint, CheckpointDownload, CheckpointFile, CheckpointFilesResponse, ServerCapabilities
-from loops_core.wire import Endpoint, WireClient
+from loops_core.wire import Endpoint, WireClient, once
 
 from .control_plane import (DEFAULT_BASE_URL, DEFAULT_RETRY_BUDGET_S, ENV_API_KEY, ENV_BASE_URL, ControlPlane,
                             DeploymentFailedError, control_plane_policy)
@@ -126,13 +126,14 @@ class BasetenBackend(Backend):
             self.capabilities = self.capabilities | extra  # type: ignore[misc]  (per-instance)
         return session.id
 
-    def _endpoint(self, url: str | None, what: str, *, queued: bool = False, **ids: str) -> Endpoint:
+    def _endpoint(self, url: str | None, what: str, *, queued: bool = False, ready: Any = None,
+                  **ids: str) -> Endpoint:
         """``queued``: a serverless sampler (no deployment of its own): /sample answers 202 and an operation."""
         if not url:
             raise APIStatusError(f"the control plane returned no URL for the {what} (it is not routable yet)",
                                  status_code=200)
         return Endpoint(url=url.rstrip("/"), headers={"X-Baseten-Accept-Error": "1", **ids}, api_key=self._api_key,
-                        api_key_env=ENV_API_KEY, queued=queued)
+                        api_key_env=ENV_API_KEY, queued=queued, ready=ready)
 
     async def create_trainer(self, base_model: str, *, rank: int, seed: int | None, ready_timeout: float,
                              max_seq_len: int | None = None) -> TrainerHandle:
@@ -156,9 +157,14 @@ class BasetenBackend(Backend):
         if self.sampler_replicas is not None:
             sampler_body["num_replicas"] = self.sampler_replicas
         try:
+            # Provisioned with the trainer, as the seed says, but waited for only when first used (a
+            # publish or a sample): a run that only trains never waits on a sampler's cold start.
             record = await self.control.create_sampler(sampler_body)
-            await wait_for_sampler(self.control, record, ready_timeout=ready_timeout, poll_s=self.ready_poll_s)
-            sampler = self._endpoint(record.base_url, "paired sampler", queued=not record.dedicated,
+            ready = once(lambda: wait_for_sampler(self.control, record, ready_timeout=ready_timeout,
+                                                  poll_s=self.ready_poll_s))
+            if not record.base_url:  # not routable yet: nothing to point a client at before it is
+                await ready()
+            sampler = self._endpoint(record.base_url, "paired sampler", queued=not record.dedicated, ready=ready,
                                      **{"X-Run-Id": run.id})
         except BaseException:
             await wire.aclose()
