@@ -619,3 +619,19 @@ def test_paired_sampler_is_provisioned_with_the_trainer_but_awaited_at_first_use
         polls = sampler_dep.status_polls
         assert sampling.sample(ModelInput.from_ints([1, 2]), 1, SamplingParams(max_tokens=1)).sequences
         assert sampler_dep.status_polls == polls, "waited for once"
+
+
+def test_serverless_queue_busy_and_timeout_through_loops_client(emu):
+    """The queue's 503 + Retry-After is waited out; a sample nobody waits for any more is cancelled."""
+    emu.faults.update(serverless_samplers=True, queue_busy=2)
+    with client(emu) as sc:
+        sampler = sc.create_sampling_client(base_model=MODEL)
+        started = time.monotonic()
+        assert sampler.sample(ModelInput.from_ints([1, 2]), 1, SamplingParams(max_tokens=2)).sequences
+        assert time.monotonic() - started >= 1.0, "Retry-After: 1 was honoured"
+        emu.faults.update(queue_busy=0, queue_hold_s=30.0)
+        slow = sc.create_sampling_client(base_model=MODEL, timeout=0.5)
+        with pytest.raises(APITimeoutError, match="cancelled"):
+            slow.sample(ModelInput.from_ints([1, 2]), 1, SamplingParams(max_tokens=2))
+        cancels = [r for r in emu.requests if r["method"] == "POST" and r["path"].endswith("/cancel")]
+        assert cancels, "the client cancelled the queued sample"
