@@ -8,7 +8,6 @@ Engine families are registered through the ``register_engines`` hook (the built-
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,23 +34,14 @@ class EngineConfig(BaseModel):
         "GPU memory kept free for the trainer's activations when the sampler shares its GPU"))
 
 
-Factory = Callable[[EngineConfig], Any]
-
-
 def engine_families() -> dict[str, tuple[Any, Any]]:
-    from .plugins import _default_pm
+    """Registered (trainer factory, sampler factory) by family name; the first registration wins."""
+    from .plugins import registrations
 
     found: dict[str, tuple[Any, Any]] = {}
-    for impl in _default_pm().hook.register_engines.get_hookimpls():
-        impl.function(register=lambda name, trainer, sampler: found.setdefault(name, (trainer, sampler)))
+    for name, trainer, sampler in registrations("register_engines"):
+        found.setdefault(name, (trainer, sampler))
     return found
-
-
-def _resolve(target: Any) -> Factory:
-    if not isinstance(target, str):
-        return target
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def make_engines(config: EngineConfig) -> tuple[Callable[[], Any], Callable[[], Any]]:
@@ -60,7 +50,9 @@ def make_engines(config: EngineConfig) -> tuple[Callable[[], Any], Callable[[], 
     families = engine_families()
     if config.engine not in families:
         raise ConfigurationError(f"unknown engine {config.engine!r}; registered: {', '.join(sorted(families))}")
-    trainer, sampler = (_resolve(t) for t in families[config.engine])
+    from .plugins import resolve_target
+
+    trainer, sampler = (resolve_target(t) for t in families[config.engine])
     return (lambda: trainer(config)), (lambda: sampler(config))
 
 

@@ -27,7 +27,6 @@ from .errors import BackendNotFoundError, BackendUnavailableError
 if TYPE_CHECKING:  # pragma: no cover
     from .backend import Backend
 
-DEFAULT_BACKEND = "local"
 ENTRY_POINT_GROUP = "loops.backends"
 
 
@@ -51,13 +50,27 @@ class BackendInfo:
         if not self.installed:
             raise BackendUnavailableError(self.name, self.extra, ModuleNotFoundError(
                 f"missing module{'s' if len(self.missing) > 1 else ''}: {', '.join(self.missing)}"))
-        if not isinstance(self.target, str):
-            return self.target
-        module, _, attr = self.target.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr)
+            return resolve_target(self.target)
         except ImportError as exc:
             raise BackendUnavailableError(self.name, self.extra, exc) from exc
+
+
+def resolve_target(target: Any) -> Any:
+    """A registered object: itself, or what a lazy ``"module:attr"`` string names (imported now)."""
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def registrations(hook: str, pm: pluggy.PluginManager | None = None) -> list[tuple[Any, ...]]:
+    """What every plugin registered through ``hook`` (each ``register(*args)`` call, in plugin
+    order); for the hooks whose registrations need no options (tokenizers, engine families)."""
+    found: list[tuple[Any, ...]] = []
+    for impl in getattr((pm or _default_pm()).hook, hook).get_hookimpls():
+        impl.function(register=lambda *args: found.append(args))
+    return found
 
 
 def get_plugin_manager(load_entrypoints: bool = True) -> pluggy.PluginManager:
@@ -111,7 +124,10 @@ def _default_pm() -> pluggy.PluginManager:
 
 
 def resolve_backend_name(explicit: str | None = None) -> str:
-    return explicit or os.environ.get("LOOPS_BACKEND") or DEFAULT_BACKEND
+    """``explicit`` > ``LOOPS_BACKEND`` > the default, as the client settings read them."""
+    from .settings import client_settings
+
+    return client_settings(backend=explicit).backend
 
 
 def load_backend(name: str | None = None, pm: pluggy.PluginManager | None = None) -> type["Backend"]:

@@ -13,7 +13,7 @@ from .errors import ConfigurationError
 
 
 class ClientSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOOPS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="LOOPS_", extra="ignore", env_ignore_empty=True)
 
     backend: str = Field("local", description="backend name: fake, local, modal, baseten, or a plugin's")
     api_key: SecretStr | None = Field(None, description="API key sent to loops servers (ServiceClient.local)")
@@ -28,18 +28,18 @@ def load_settings(model: type[BaseSettings], **overrides: object) -> BaseSetting
     try:
         return model(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (or {_env_names(model, str(e['loc'][0]))}): {e['msg']}"
-                             for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (or {' or '.join(env_names(model, str(e['loc'][0])))}): "
+                             f"{e['msg']}" for e in exc.errors())
         raise ConfigurationError(f"invalid {model.__name__}: {problems}") from None
 
 
-def _env_names(model: type[BaseSettings], name: str) -> str:
+def env_names(model: type[BaseSettings], name: str) -> list[str]:
     """The environment variable(s) a field is read from: its alias(es), else prefix + name."""
     field = model.model_fields.get(name)
     alias = field.validation_alias if field is not None else None
     choices = getattr(alias, "choices", None) or ([alias] if isinstance(alias, str) else [])
     names = [c.upper() for c in choices if isinstance(c, str)]
-    return " or ".join(names) if names else f"{model.model_config.get('env_prefix', '')}{name}".upper()
+    return names or [f"{model.model_config.get('env_prefix', '')}{name}".upper()]
 
 
 def client_settings(**overrides: object) -> ClientSettings:

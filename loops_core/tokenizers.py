@@ -8,7 +8,6 @@ are cached.
 
 from __future__ import annotations
 
-import importlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,24 +16,23 @@ from .errors import BackendUnavailableError
 
 
 def tokenizer_loaders() -> dict[str, Any]:
-    """Registered loaders by id prefix (longest prefix first)."""
-    from .plugins import _default_pm
+    """Registered loaders by id prefix (longest prefix first; the first plugin to claim a prefix wins)."""
+    from .plugins import registrations
 
     found: dict[str, Any] = {}
-    for impl in _default_pm().hook.register_tokenizers.get_hookimpls():
-        impl.function(register=lambda prefix, target: found.setdefault(prefix, target))
+    for prefix, target in registrations("register_tokenizers"):
+        found.setdefault(prefix, target)
     return dict(sorted(found.items(), key=lambda kv: -len(kv[0])))
 
 
 @lru_cache(maxsize=16)
 def load_tokenizer(tokenizer_id: str) -> Any:
+    from .plugins import resolve_target
+
     source: Any = tokenizer_id
     for prefix, target in tokenizer_loaders().items():
         if tokenizer_id.startswith(prefix):
-            if isinstance(target, str):
-                module, _, attr = target.partition(":")
-                target = getattr(importlib.import_module(module), attr)
-            source = target(tokenizer_id)
+            source = resolve_target(target)(tokenizer_id)
             break
     if not isinstance(source, (str, Path)):
         return source

@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from loops_core.settings import env_names
+
 MODELS = [
     "loops_core.settings:ClientSettings",
     "loops_core.server.requests:Limits",
@@ -30,22 +32,14 @@ def _model(target: str):  # noqa: ANN202
     return getattr(importlib.import_module(module), name)
 
 
-def _envs(model, name: str, field) -> str:  # noqa: ANN001
-    alias = field.validation_alias
-    choices = getattr(alias, "choices", None) or ([alias] if isinstance(alias, str) else None)
-    if choices:
-        return ", ".join(f"`{c.upper()}`" for c in choices if isinstance(c, str))
-    prefix = model.model_config.get("env_prefix", "")
-    return f"`{(prefix + (field.alias or name)).upper()}`"
-
-
 def table(target: str) -> str:
     model = _model(target)
     rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
         default = "required" if field.is_required() else f"`{field.default!r}`"
         meaning = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `{name}` | {_envs(model, name, field)} | {default} | {meaning} |")
+        envs = ", ".join(f"`{e}`" for e in env_names(model, name))
+        rows.append(f"| `{name}` | {envs} | {default} | {meaning} |")
     return "\n".join(rows) + "\n"
 
 

@@ -140,21 +140,16 @@ def create_app(svc: TinkerService, *, api_key: str | None = None) -> Any:
         msg = await asyncio.to_thread(lambda: convert.parse_forward_backward(convert.decompress(raw, encoding)))
         return future(await svc.forward_backward(msg), msg.model_id)
 
-    async def optim_step(request: Request) -> Response:
-        body = await body_json(request)
-        return future(await svc.optim_step(body), body.get("model_id"))
+    def model_op(name: str) -> Any:
+        """A JSON route that submits ``svc.<name>(body)`` for the body's model and answers its future."""
+        async def route(request: Request) -> Response:
+            body = await body_json(request)
+            return future(await getattr(svc, name)(body), body.get("model_id"))
 
-    async def save_weights(request: Request) -> Response:
-        body = await body_json(request)
-        return future(await svc.save_weights(body), body.get("model_id"))
+        return route
 
-    async def save_for_sampler(request: Request) -> Response:
-        body = await body_json(request)
-        return future(await svc.save_weights_for_sampler(body), body.get("model_id"))
-
-    async def load_weights(request: Request) -> Response:
-        body = await body_json(request)
-        return future(await svc.load_weights(body), body.get("model_id"))
+    optim_step, save_weights = model_op("optim_step"), model_op("save_weights")
+    save_for_sampler, load_weights = model_op("save_weights_for_sampler"), model_op("load_weights")
 
     # ---- sampling --------------------------------------------------------------------------------
     async def create_sampling_session(request: Request) -> Response:
